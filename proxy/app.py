@@ -1,0 +1,198 @@
+"""Wires the parts into one proxy: the route table, admission of each request, the
+model server's state as /health and /ready report it, and the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+
+from .config import Config
+from .errors import (
+    BadRequest,
+    Draining,
+    MethodNotAllowed,
+    NotFound,
+    NotReady,
+    ProxyError,
+)
+from .forward import ProxyExchange, UpstreamPool
+from .limiter import Limiter
+from .metrics import CONTENT_TYPE, Gauges, Metrics
+from .paths import RouteMap, split_target
+from .protocol import ClientConnection, Exchange, LocalExchange, RequestHead
+
+access_log = logging.getLogger("model_proxy.access")
+
+JSON = b"application/json"
+ADMIN_PATHS = (b"/health", b"/ready", b"/metrics")
+
+
+@dataclass
+class UpstreamState:
+    """The model server as the proxy knows it; /health and /ready report it."""
+
+    phase: str = "starting"  # starting | ready | unready | restarting | stopped
+    pid: int | None = None
+    restarts: int = 0
+    since: float = field(default_factory=time.time)
+
+    def enter(self, phase: str, pid: int | None = None) -> None:
+        self.phase = phase
+        self.pid = pid if pid is not None else self.pid
+        self.since = time.time()
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == "ready"
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+
+class Proxy:
+    """Everything a request needs, and the protocol factory for the listener."""
+
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        settings = config.proxy
+        self.state = UpstreamState()
+        self.routes = RouteMap(config.docker_server.predict_endpoint)
+        self.limiter = Limiter(
+            max_concurrency=config.predict_concurrency,
+            max_queue=settings.max_queue_size,
+            queue_timeout=settings.queue_timeout_seconds,
+        )
+        self.pool = UpstreamPool("127.0.0.1", config.docker_server.server_port)
+        self.connections: set[ClientConnection] = set()
+        self.websockets = 0
+        self.metrics = Metrics(
+            registry or CollectorRegistry(auto_describe=True),
+            Gauges(
+                in_flight=lambda: self.limiter.in_flight,
+                queued=lambda: self.limiter.queued,
+                upstream_ready=lambda: self.state.ready,
+                websockets=lambda: self.websockets,
+            ),
+        )
+        self.draining = False  # /ready answers 503
+        self.closed = False  # the listener is closed: late requests get 503 draining
+        self.last_request_at = 0.0
+        self.active = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def connection(self) -> ClientConnection:
+        return ClientConnection(self.route, self.connections)
+
+    # -- routing ----------------------------------------------------------------------
+
+    def route(self, head: RequestHead, conn: ClientConnection) -> Exchange:
+        split = split_target(head.target)
+        if split is None:
+            return LocalExchange.error(conn, head, BadRequest("unsupported request target"))
+        path, query = split
+        if path in ADMIN_PATHS:
+            return self._admin(head, conn, path)
+        mapped = self.routes.upstream_target(path, query)
+        if mapped is None:
+            return LocalExchange.error(conn, head, NotFound())
+        route, target = mapped
+        self.last_request_at = asyncio.get_running_loop().time()
+        rejection = self._rejection()
+        if rejection is not None:
+            self._count_rejection(route, head, rejection)
+            return LocalExchange.error(conn, head, rejection, close=self.closed)
+        self._started()
+        settings = self.config.proxy
+        return ProxyExchange(
+            conn,
+            head,
+            route=route,
+            target=target,
+            pool=self.pool,
+            admission=self.limiter,
+            outcome=self._finished,
+            max_body=settings.max_request_body_bytes,
+            request_timeout=settings.request_timeout_seconds,
+        )
+
+    def _rejection(self) -> ProxyError | None:
+        if self.closed:
+            return Draining()
+        if not self.state.ready:
+            return NotReady()
+        return None
+
+    def _admin(self, head: RequestHead, conn: ClientConnection, path: bytes) -> Exchange:
+        if head.method not in (b"GET", b"HEAD"):
+            error = MethodNotAllowed()
+            headers = [(b"Content-Type", JSON), (b"Allow", b"GET, HEAD")]
+            return LocalExchange(conn, head, error.status, headers, error.body())
+        if path == b"/metrics":
+            return LocalExchange(
+                conn, head, 200, [(b"Content-Type", CONTENT_TYPE)], self.metrics.render()
+            )
+        # /health: a model server process runs; /ready: it takes traffic and we are not draining
+        ok = self.state.running if path == b"/health" else self.state.ready and not self.draining
+        return LocalExchange(
+            conn, head, 200 if ok else 503, [(b"Content-Type", JSON)], self._status(ok)
+        )
+
+    def _status(self, ok: bool) -> bytes:
+        state = self.state
+        return json.dumps(
+            {
+                "ok": ok,
+                "state": "draining" if self.draining else state.phase,
+                "model": self.config.model_name,
+                "pid": state.pid,
+                "restarts": state.restarts,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.since)),
+            }
+        ).encode()
+
+    # -- accounting -------------------------------------------------------------------
+
+    def _started(self) -> None:
+        self.active += 1
+        self.idle.clear()
+
+    def _finished(self, exchange: ProxyExchange) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self.idle.set()
+        now = asyncio.get_running_loop().time()
+        self.metrics.request_finished(
+            exchange.route,
+            exchange.head.method.decode(),
+            exchange.code,
+            duration=now - exchange.arrived_at,
+            time_to_first_byte=(
+                exchange.first_byte_at - exchange.arrived_at
+                if exchange.first_byte_at is not None
+                else None
+            ),
+            queue_wait=(
+                exchange.admitted_at - exchange.arrived_at
+                if exchange.admitted_at is not None
+                else None
+            ),
+            rejected=exchange.error_kind if exchange.code in (413, 503) else None,
+        )
+
+    def _count_rejection(self, route: str, head: RequestHead, error: ProxyError) -> None:
+        self.metrics.request_finished(
+            route,
+            head.method.decode(),
+            error.status,
+            duration=0.0,
+            time_to_first_byte=0.0,
+            queue_wait=None,
+            rejected=error.kind,
+        )

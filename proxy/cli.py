@@ -1,0 +1,64 @@
+"""The command line: `model-proxy run` and `model-proxy check`; exit codes live here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import uvloop
+
+from . import logs
+from .config import Config, load_config, render_config
+from .errors import ConfigError
+from .server import serve
+
+EXIT_BAD_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="model-proxy",
+        description="A sidecar that runs a model server and proxies traffic to it.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    default_config = os.environ.get("MODEL_PROXY_CONFIG", "config.yaml")
+    run = commands.add_parser("run", help="start the model server and serve traffic")
+    check = commands.add_parser("check", help="validate a config and print it resolved")
+    for command in (run, check):
+        command.add_argument(
+            "--config",
+            type=Path,
+            default=Path(default_config),
+            help="config.yaml to use (default: $MODEL_PROXY_CONFIG, else ./config.yaml)",
+        )
+    run.add_argument("--host", help="listen address (overrides proxy.host)")
+    run.add_argument("--port", type=int, help="listen port (overrides proxy.port)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(
+            args.config, host=getattr(args, "host", None), port=getattr(args, "port", None)
+        )
+    except ConfigError as error:
+        print(f"model-proxy: {args.config} is not a valid configuration:", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    if args.command == "check":
+        sys.stdout.write(render_config(config))
+        return 0
+    return _run(config)
+
+
+def _run(config: Config) -> int:
+    with (
+        logs.configured(config.proxy.log_format),
+        asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
+    ):
+        return runner.run(serve(config))

@@ -1,0 +1,450 @@
+"""Load and validate config.yaml into frozen settings; every problem reported at once with
+its dotted path."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, TypeGuard, TypeVar
+
+import yaml
+
+from proxy.errors import ConfigError
+
+RestartPolicy = Literal["always", "never"]
+LogFormat = Literal["text", "json"]
+_RESTART_POLICIES: tuple[RestartPolicy, ...] = ("always", "never")
+_LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
+_HOW_TO_CHOOSE = "pass --config PATH or set MODEL_PROXY_CONFIG"
+_NAME_RULE = 'must be a file name in proxy.secrets_dir (not empty, no "/")'
+_SHOW_MAX = 80  # a `(got X)` longer than this is cut: the line must stay readable
+_T = TypeVar("_T", bound=str)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DockerServer:
+    """How to start the model server and where it answers (Truss's `docker_server`)."""
+
+    start_command: str
+    server_port: int
+    predict_endpoint: str
+    readiness_endpoint: str | None = None
+    liveness_endpoint: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthChecks:
+    """Truss's `runtime.health_checks`, in seconds."""
+
+    startup_threshold_seconds: float = 1800.0
+    stop_traffic_threshold_seconds: float = 60.0
+    restart_threshold_seconds: float = 90.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxySettings:
+    """The proxy's own `proxy:` section."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    max_queue_size: int  # load_config's default: 10 * predict_concurrency
+    queue_timeout_seconds: float | None = None
+    request_timeout_seconds: float | None = None
+    max_request_body_bytes: int = 104857600
+    probe_interval_seconds: float = 1.0
+    drain_quiet_seconds: float = 3.0
+    shutdown_grace_seconds: float = 30.0
+    child_stop_grace_seconds: float = 10.0
+    restart_policy: RestartPolicy = "always"
+    secrets_dir: Path = Path("/secrets")
+    api_key_secret: str | None = None
+    log_format: LogFormat = "text"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """A validated config.yaml."""
+
+    model_name: str | None
+    docker_server: DockerServer
+    predict_concurrency: int
+    health_checks: HealthChecks
+    proxy: ProxySettings
+    environment_variables: Mapping[str, str]
+    secrets: tuple[str, ...]
+
+
+_PROXY_KEYS = tuple(f.name for f in fields(ProxySettings))
+# Truss's restart_check_delay_seconds is accepted and checked, but has no use here
+_HEALTH_KEYS = (*(f.name for f in fields(HealthChecks)), "restart_check_delay_seconds")
+
+
+def load_config(path: Path, *, host: str | None = None, port: int | None = None) -> Config:
+    """Read and validate `path`, or raise one ConfigError listing every problem.
+
+    `host` and `port` are the CLI's --host/--port: they replace proxy.host and proxy.port
+    before validation, so they are checked exactly like the file's own values.
+    """
+    data = _read_yaml(path)
+    problems: list[str] = []
+    top = _Section(data, "", problems)
+    model_name = top.text("model_name") or None
+    # server presets: only type-checked here, they are expanded elsewhere
+    top.text("implementation")
+    top.text("model_uri")
+    top.child("preset_args")
+    docker = _docker_server(top.child("docker_server"))
+    runtime = top.child("runtime")
+    concurrency = runtime.integer("predict_concurrency", 1, low=1)
+    health = _health_checks(runtime.child("health_checks", known=_HEALTH_KEYS))
+    environment = _environment(top.child("environment_variables"))
+    secrets = _secret_names(data.get("secrets"), problems)
+
+    raw_proxy = data.get("proxy")
+    if raw_proxy is None or isinstance(raw_proxy, Mapping):
+        overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        raw_proxy = {**(raw_proxy or {}), **overrides}
+    proxy = _proxy_settings(_Section(raw_proxy, "proxy", problems, known=_PROXY_KEYS), concurrency)
+
+    if proxy.port and proxy.port == docker.server_port:  # 0: already reported as invalid
+        problems.append(
+            f"proxy.port: must differ from docker_server.server_port (got {proxy.port})"
+        )
+    # without a usable secrets_dir every secret would be "missing": that is said once already
+    if not any(problem.startswith("proxy.secrets_dir:") for problem in problems):
+        for name in secrets:
+            if missing := _missing_secret(proxy.secrets_dir / name):
+                problems.append(f"secrets.{name}: {missing}")
+        if proxy.api_key_secret:
+            try:
+                _load_secret(proxy.secrets_dir, proxy.api_key_secret)
+            except ValueError as exc:
+                problems.append(f"proxy.api_key_secret: {exc}")
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        model_name=model_name,
+        docker_server=docker,
+        predict_concurrency=concurrency,
+        health_checks=health,
+        proxy=proxy,
+        environment_variables=MappingProxyType(environment),
+        secrets=secrets,
+    )
+
+
+def render_config(config: Config) -> str:
+    """The resolved configuration as YAML: every setting with its effective value."""
+    data = {
+        "model_name": config.model_name,
+        "docker_server": _plain(config.docker_server),
+        "runtime": {
+            "predict_concurrency": config.predict_concurrency,
+            "health_checks": _plain(config.health_checks),
+        },
+        "environment_variables": dict(config.environment_variables),
+        "secrets": list(config.secrets),
+        "proxy": _plain(config.proxy),
+    }
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=math.inf)
+
+
+def read_secret(config: Config, name: str) -> str:
+    """The secret file's content without surrounding whitespace; ConfigError if it cannot be
+    read or is empty (an empty API key would let anyone in)."""
+    try:
+        return _load_secret(config.proxy.secrets_dir, name)
+    except ValueError as exc:
+        raise ConfigError([f"secrets.{name}: {exc}"]) from exc
+
+
+def _read_yaml(path: Path) -> Mapping[Any, Any]:
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file ({_HOW_TO_CHOOSE})"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read ({exc.strerror or exc})"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark, context = exc.problem_mark, exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = exc.problem or exc.context or "syntax error"
+        if exc.problem and exc.context and context:  # e.g. where an unclosed quote began
+            what = f"{what} ({exc.context} at line {context.line + 1})"
+        raise ConfigError([f"{where}: invalid YAML: {what}"]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from exc
+    if data is None:  # an empty file: report the required keys
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"{path}: the top level must be a mapping of keys (got {_show(data)})"])
+    return data
+
+
+def _docker_server(section: _Section) -> DockerServer:
+    return DockerServer(
+        start_command=section.text("start_command", required=True, nonempty=True),
+        server_port=section.integer("server_port", None, low=1, high=65535),
+        predict_endpoint=section.endpoint("predict_endpoint", required=True, query=True),
+        readiness_endpoint=section.endpoint("readiness_endpoint") or None,
+        liveness_endpoint=section.endpoint("liveness_endpoint") or None,
+    )
+
+
+def _health_checks(section: _Section) -> HealthChecks:
+    default = HealthChecks()
+    section.seconds("restart_check_delay_seconds", 0.0)
+    return HealthChecks(
+        **{f.name: section.seconds(f.name, getattr(default, f.name)) for f in fields(default)}
+    )
+
+
+def _proxy_settings(section: _Section, concurrency: int) -> ProxySettings:
+    default = ProxySettings(max_queue_size=10 * concurrency)
+    api_key_secret = section.text("api_key_secret", nonempty=True) or None
+    if api_key_secret and not _is_file_name(api_key_secret):
+        section.fail("api_key_secret", _NAME_RULE, api_key_secret)
+        api_key_secret = None
+    return ProxySettings(
+        host=section.text("host", nonempty=True) or default.host,
+        port=section.integer("port", default.port, low=1, high=65535),
+        max_queue_size=section.integer("max_queue_size", default.max_queue_size, low=0),
+        queue_timeout_seconds=section.timeout("queue_timeout_seconds"),
+        request_timeout_seconds=section.timeout("request_timeout_seconds"),
+        max_request_body_bytes=section.integer(
+            "max_request_body_bytes", default.max_request_body_bytes, low=1
+        ),
+        probe_interval_seconds=section.seconds(
+            "probe_interval_seconds", default.probe_interval_seconds
+        ),
+        drain_quiet_seconds=section.seconds("drain_quiet_seconds", default.drain_quiet_seconds),
+        shutdown_grace_seconds=section.seconds(
+            "shutdown_grace_seconds", default.shutdown_grace_seconds
+        ),
+        child_stop_grace_seconds=section.seconds(
+            "child_stop_grace_seconds", default.child_stop_grace_seconds
+        ),
+        restart_policy=section.choice("restart_policy", _RESTART_POLICIES, default.restart_policy),
+        secrets_dir=Path(section.text("secrets_dir", nonempty=True) or default.secrets_dir),
+        api_key_secret=api_key_secret,
+        log_format=section.choice("log_format", _LOG_FORMATS, default.log_format),
+    )
+
+
+def _environment(section: _Section) -> dict[str, str]:
+    environment: dict[str, str] = {}
+    for name, value in section.data.items():
+        if not isinstance(name, str) or not name or "=" in name or "\0" in name:
+            section.problems.append(
+                f'environment_variables: names must be non-empty strings without "=" or NUL'
+                f" (got {_show(name)})"
+            )
+        elif value is None:  # Truss allows `KEY: null`: nothing to set
+            continue
+        elif isinstance(value, bool):  # YAML's true/false, as the shell would spell them
+            environment[name] = "true" if value else "false"
+        elif isinstance(value, str | int | float) and "\0" not in str(value):
+            environment[name] = str(value)
+        else:
+            section.fail(name, "must be a string, number or boolean without NUL", value)
+    return environment
+
+
+def _secret_names(raw: object, problems: list[str]) -> tuple[str, ...]:
+    # The values of Truss's `{name: null}` form are placeholders: never read, never shown.
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping | list):
+        problems.append(
+            "secrets: must be a mapping of names to null, or a list of names"
+            f" (got a {type(raw).__name__})"
+        )
+        return ()
+    names: dict[str, None] = {}
+    for name in raw:
+        if _is_file_name(name):
+            names[name] = None
+        else:
+            problems.append(f"secrets: {_NAME_RULE} (got {_show(name)})")
+    return tuple(names)
+
+
+def _missing_secret(file: Path) -> str | None:
+    if file.is_file():
+        return None
+    if file.exists():
+        return f"secret file {file} is not a regular file"
+    return f"secret file {file} is missing (create it or remove the key)"
+
+
+def _load_secret(secrets_dir: Path, name: str) -> str:
+    """The stripped content; ValueError saying why (never showing the content) if unusable."""
+    if not _is_file_name(name):
+        raise ValueError(f"{_NAME_RULE} (got {_show(name)})")
+    file = secrets_dir / name
+    if missing := _missing_secret(file):
+        raise ValueError(missing)
+    try:
+        value = file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"secret file {file} cannot be read ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError:
+        raise ValueError(f"secret file {file} is not UTF-8 text") from None
+    if not value:
+        raise ValueError(f"secret file {file} is empty")
+    return value
+
+
+def _is_file_name(name: object) -> TypeGuard[str]:
+    return isinstance(name, str) and name not in ("", ".", "..") and not {"/", "\0"} & set(name)
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    # YAML's true/false are bools, which Python counts as ints: they are not numbers here
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _endpoint_problem(value: object, *, query: bool) -> str | None:
+    if not isinstance(value, str):
+        return "must be a string"
+    if value != value.strip():
+        return "must not have surrounding spaces"
+    if not value.startswith("/"):
+        return 'must start with "/"'
+    if value.startswith("//"):  # a URL joiner would read it as another host
+        return 'must not start with "//"'
+    if any(char.isspace() or not char.isprintable() for char in value):
+        return "must not contain spaces or control characters"
+    if not value.isascii():
+        return "must be ASCII (percent-encode other characters)"
+    if "#" in value:
+        return 'must not contain "#"'
+    if "?" in value and not query:
+        return "must not contain a query string"
+    return None
+
+
+def _show(value: object) -> str:
+    """`value` as YAML-ish text for `(got X)`: strings quoted, null/true/false as YAML has them."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):  # e.g. a YAML mapping with a list as key
+        text = repr(value)
+    return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 3] + "..."
+
+
+def _plain(section: DockerServer | HealthChecks | ProxySettings) -> dict[str, Any]:
+    values = {field.name: getattr(section, field.name) for field in fields(section)}
+    return {
+        name: str(value) if isinstance(value, Path) else value for name, value in values.items()
+    }
+
+
+class _Section:
+    """One mapping of config.yaml, read through typed getters that record problems instead of
+    raising. A getter returns the default when the key is absent or null, and a placeholder
+    when the value is wrong (the config is never built then)."""
+
+    def __init__(
+        self, raw: object, path: str, problems: list[str], known: Collection[str] | None = None
+    ) -> None:
+        self.path = path
+        self.problems = problems
+        self.data: Mapping[Any, Any] = raw if isinstance(raw, Mapping) else {}
+        self.valid = raw is None or isinstance(raw, Mapping)
+        if not self.valid:
+            problems.append(f"{path}: must be a mapping (got {_show(raw)})")
+        for key, value in self.data.items():
+            if known is not None and key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = (
+                    f"did you mean {close[0]}?" if close else f"expected one of {', '.join(known)}"
+                )
+                self.fail(key, f"unknown key; {hint}", value)
+
+    def child(self, key: str, *, known: Collection[str] | None = None) -> _Section:
+        return _Section(self.data.get(key), self._where(key), self.problems, known)
+
+    def fail(self, key: object, what: str, value: object) -> None:
+        self.problems.append(f"{self._where(key)}: {what} (got {_show(value)})")
+
+    def text(self, key: str, *, required: bool = False, nonempty: bool = False) -> str:
+        value = self.data.get(key)
+        if value is None:
+            self._require(key, required)
+            return ""
+        if not isinstance(value, str) or (nonempty and not value.strip()):
+            self.fail(key, "must be a non-empty string" if nonempty else "must be a string", value)
+            return ""
+        return value
+
+    def integer(self, key: str, default: int | None, *, low: int, high: int | None = None) -> int:
+        """`default` None: the key is required."""
+        value = self.data.get(key)
+        if value is None:
+            self._require(key, default is None)
+            return default or 0
+        # a float, even 8000.0, is a mistake worth pointing out rather than silently truncating
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if is_int and low <= value and (high is None or value <= high):
+            return int(value)
+        bounds = f">= {low}" if high is None else f"between {low} and {high}"
+        self.fail(key, f"must be an integer {bounds}", value)
+        return 0  # never a valid port, so no follow-on "must differ" problem
+
+    def seconds(self, key: str, default: float) -> float:
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if _is_number(value) and value >= 0:
+            return float(value)
+        self.fail(key, "must be a number of seconds >= 0", value)
+        return default
+
+    def timeout(self, key: str) -> float | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if _is_number(value) and value > 0:
+            return float(value)
+        self.fail(key, "must be a number of seconds > 0, or null for no limit", value)
+        return None
+
+    def choice(self, key: str, options: tuple[_T, ...], default: _T) -> _T:
+        value = self.data.get(key)
+        for option in options:
+            if value == option:
+                return option
+        if value is not None:
+            self.fail(key, f"must be one of {', '.join(options)}", value)
+        return default
+
+    def endpoint(self, key: str, *, required: bool = False, query: bool = False) -> str:
+        """A path on the model server; "" when absent or wrong."""
+        value = self.data.get(key)
+        if value is None:
+            self._require(key, required)
+            return ""
+        if problem := _endpoint_problem(value, query=query):
+            self.fail(key, problem, value)
+            return ""
+        return str(value)
+
+    def _require(self, key: str, required: bool) -> None:
+        # a section that is not a mapping was reported once already
+        if required and self.valid:
+            self.problems.append(f"{self._where(key)}: required")
+
+    def _where(self, key: object) -> str:
+        return f"{self.path}.{key}" if self.path else str(key)

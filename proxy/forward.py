@@ -1,0 +1,501 @@
+"""HTTP forwarding to the model server: a keep-alive connection pool and the exchange that
+streams one request there and its response back, chunk by chunk, both ways.
+
+Everything a read event produces for the other side goes out in one `writelines`, and
+body chunks are passed on as they are (only re-framed), never copied into a whole body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol, cast
+
+import httptools
+
+from .errors import (
+    PayloadTooLarge,
+    ProxyError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from .headers import Headers, RequestFraming, scan_response_headers, upstream_request_head
+from .protocol import REASONS, ClientConnection, RequestHead, error_headers
+
+HIGH_WATER = 256 * 1024  # request bytes held while waiting for a slot or a connection
+REPLAY_LIMIT = 64 * 1024  # a request this small is resent once if a reused connection was stale
+MAX_IDLE = 512
+CHUNK_END = b"\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+class Admission(Protocol):
+    """The concurrency limiter, as the exchange sees it."""
+
+    def try_acquire(self) -> bool: ...
+    async def acquire(self) -> None: ...  # raises QueueFull / QueueTimeout
+    def release(self) -> None: ...
+
+
+class Outcome(Protocol):
+    """Where a finished exchange reports itself (metrics, access log)."""
+
+    def __call__(self, exchange: ProxyExchange) -> None: ...
+
+
+class UpstreamPool:
+    """Keep-alive connections to the model server on 127.0.0.1, reused newest first."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._idle: list[UpstreamConnection] = []
+
+    def take_idle(self) -> UpstreamConnection | None:
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.usable:
+                return connection
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, connection = await loop.create_connection(
+                lambda: UpstreamConnection(self), self.host, self.port
+            )
+        except OSError as exc:
+            raise UpstreamUnavailable(f"cannot connect to the model server: {exc}") from exc
+        return connection
+
+    def put_back(self, connection: UpstreamConnection) -> None:
+        if len(self._idle) < MAX_IDLE:
+            connection.reused = True
+            self._idle.append(connection)
+        else:
+            connection.close()
+
+    def forget(self, connection: UpstreamConnection) -> None:
+        if connection in self._idle:
+            self._idle.remove(connection)
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to the model server; parses responses for the exchange using it."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.exchange: ProxyExchange | None = None
+        self.reused = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: Headers = []
+        self._reason = b""
+        self._interim = False  # a 1xx answer; the real one follows
+        self._lost = False
+
+    @property
+    def usable(self) -> bool:
+        return not self._lost and self.transport is not None and not self.transport.is_closing()
+
+    def begin(self, exchange: ProxyExchange, *, no_body: bool) -> None:
+        self.exchange = exchange
+        if no_body or self.reused:
+            # a fresh parser: llhttp cannot be told that a HEAD answer has no body
+            self._parser = httptools.HttpResponseParser(self)
+        self._no_body = no_body
+
+    def write(self, pieces: list[bytes]) -> None:
+        assert self.transport is not None
+        self.transport.writelines(pieces)
+
+    def close(self) -> None:
+        self._lost = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._pool.forget(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.upstream_lost(self)
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            self.close()  # nobody asked: a protocol error of the model server
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.close()
+            exchange.upstream_lost(self)
+            return
+        exchange.flush_response()
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.conn.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.conn.resume_reading()
+
+    # -- llhttp callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        self._interim = 100 <= status < 200 and status != 101
+        if self._interim or self.exchange is None:
+            return
+        self.exchange.response_head(status, self._reason, self._headers)
+        if self._no_body and self.exchange is not None:
+            self._message_done(keep_alive=self._parser.should_keep_alive())
+
+    def on_body(self, body: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim or self._no_body:
+            return
+        self._message_done(keep_alive=self._parser.should_keep_alive())
+
+    def _message_done(self, *, keep_alive: bool) -> None:
+        exchange, self.exchange = self.exchange, None
+        if exchange is None:
+            return
+        if exchange.release_upstream(self, keep_alive):
+            self._pool.put_back(self)
+        else:
+            self.close()
+        exchange.response_end()
+
+
+class ProxyExchange:
+    """One proxied request: admitted, sent to the model server, its answer streamed back."""
+
+    __slots__ = (
+        "_admission",
+        "_admitted",
+        "_body_bytes",
+        "_chunked_in",
+        "_chunked_out",
+        "_done",
+        "_framing",
+        "_max_body",
+        "_outcome",
+        "_pending",
+        "_pending_bytes",
+        "_pool",
+        "_replay",
+        "_request_timeout",
+        "_response_out",
+        "_task",
+        "_timer",
+        "admitted_at",
+        "arrived_at",
+        "code",
+        "conn",
+        "error_kind",
+        "first_byte_at",
+        "head",
+        "request_done",
+        "request_id",
+        "route",
+        "target",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        *,
+        route: str,
+        target: bytes,
+        pool: UpstreamPool,
+        admission: Admission,
+        outcome: Outcome,
+        max_body: int,
+        request_timeout: float | None,
+    ) -> None:
+        self.conn = conn
+        self.head = head
+        self.route = route
+        self.target = target
+        self._pool = pool
+        self._admission = admission
+        self._outcome = outcome
+        self._max_body = max_body
+        self._request_timeout = request_timeout
+        loop = asyncio.get_running_loop()
+        self.arrived_at = loop.time()
+        self.admitted_at: float | None = None
+        self.first_byte_at: float | None = None
+        self.code = 0
+        self.error_kind: str | None = None
+        self.request_id = b""
+        self.request_done = False
+        self.upstream: UpstreamConnection | None = None
+        self._framing: RequestFraming | None = None
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._body_bytes = 0
+        self._chunked_in = False
+        self._chunked_out = False
+        self._admitted = False
+        self._done = False
+        self._replay: list[bytes] | None = None
+        self._response_out: list[bytes] = []
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- driven by the client connection ----------------------------------------------
+
+    def start(self) -> None:
+        head = self.head
+        upstream_head, framing = upstream_request_head(
+            head.method, self.target, head.headers, client_ip=head.client_ip
+        )
+        self._framing = framing
+        self.request_id = framing.request_id
+        self._chunked_in = framing.chunked
+        if framing.content_length is not None and framing.content_length > self._max_body:
+            return self.fail(PayloadTooLarge())
+        self._pending.insert(0, upstream_head)
+        if self._admission.try_acquire():
+            self._on_admitted()
+        else:
+            self._task = asyncio.ensure_future(self._wait_for_slot())
+
+    def request_body(self, chunk: bytes) -> None:
+        if self._done:
+            return
+        self._body_bytes += len(chunk)
+        if self._body_bytes > self._max_body:
+            return self.fail(PayloadTooLarge())
+        if self._chunked_in:
+            self._queue(b"%x\r\n" % len(chunk), chunk, CHUNK_END)
+        else:
+            self._queue(chunk)
+
+    def request_end(self) -> None:
+        self.request_done = True
+        if self._chunked_in and not self._done:
+            self._queue(LAST_CHUNK)
+
+    def flush(self) -> None:
+        upstream = self.upstream
+        if upstream is not None and self._pending:
+            pending = self._pending
+            if self._replay is not None:
+                self._replay += pending
+                if sum(map(len, self._replay)) > REPLAY_LIMIT:
+                    self._replay = None
+            upstream.write(pending)
+            self._pending = []
+            self._pending_bytes = 0
+
+    def client_lost(self) -> None:
+        if not self._done:
+            self._finish(499)
+
+    def pause_output(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_output(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+    # -- driven by the upstream connection --------------------------------------------
+
+    def response_head(self, status: int, reason: bytes, headers: Headers) -> None:
+        self._cancel_timer()
+        self._replay = None
+        self.code = status
+        self.first_byte_at = asyncio.get_running_loop().time()
+        scanned = scan_response_headers(headers, self.request_id)
+        lines = [b"HTTP/1.1 %d %s" % (status, reason or REASONS.get(status, b""))]
+        lines += scanned.lines
+        no_body = self.head.method == b"HEAD" or status in (204, 304)
+        if scanned.content_length is not None:
+            lines.append(b"Content-Length: %d" % scanned.content_length)
+        elif not no_body:
+            if self.head.version == "1.1":
+                self._chunked_out = True
+                lines.append(b"Transfer-Encoding: chunked")
+            else:
+                self.head.keep_alive = False  # an HTTP/1.0 client reads until close
+        if not self.head.keep_alive:
+            lines.append(b"Connection: close")
+        self._response_out.append(b"\r\n".join(lines) + b"\r\n\r\n")
+
+    def response_body(self, chunk: bytes) -> None:
+        if self._chunked_out:
+            self._response_out += (b"%x\r\n" % len(chunk), chunk, CHUNK_END)
+        else:
+            self._response_out.append(chunk)
+
+    def response_end(self) -> None:
+        if self._chunked_out:
+            self._response_out.append(LAST_CHUNK)
+        self.flush_response()
+        self._finish(self.code)
+
+    def flush_response(self) -> None:
+        if self._response_out:
+            out, self._response_out = self._response_out, []
+            self.conn.writelines(out)
+
+    def release_upstream(self, upstream: UpstreamConnection, keep_alive: bool) -> bool:
+        """The response ended; may `upstream` carry the next request?"""
+        self.upstream = None
+        return keep_alive and self.request_done and not self._pending
+
+    def upstream_lost(self, upstream: UpstreamConnection) -> None:
+        if self._done or upstream is not self.upstream:
+            return
+        self.upstream = None
+        if self.first_byte_at is None and self._replay is not None and self.request_done:
+            # a kept-alive connection the model server had just closed: send it again
+            self._pending = self._replay + self._pending
+            self._replay = None
+            self._task = asyncio.ensure_future(self._connect())
+            return
+        if self.first_byte_at is None:
+            return self.fail(UpstreamUnavailable("the model server closed the connection"))
+        if not self._chunked_out and self.head.version != "1.1" and not self._response_out:
+            return self._finish(self.code)  # a body delimited by the connection's close
+        # the answer started: the client can only see a cut stream
+        self.flush_response()
+        self.conn.abort()
+        self._finish(self.code)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _queue(self, *pieces: bytes) -> None:
+        self._pending += pieces
+        if self.upstream is None:
+            self._pending_bytes += sum(map(len, pieces))
+            if self._pending_bytes > HIGH_WATER:
+                self.conn.pause_reading()
+
+    async def _wait_for_slot(self) -> None:
+        try:
+            await self._admission.acquire()
+        except ProxyError as error:
+            self._task = None
+            return self.fail(error)
+        except asyncio.CancelledError:
+            return  # the client left while queued
+        if self._done:
+            self._admission.release()
+            return
+        self._on_admitted()
+
+    def _on_admitted(self) -> None:
+        self._admitted = True
+        self.admitted_at = asyncio.get_running_loop().time()
+        upstream = self._pool.take_idle()
+        if upstream is not None:
+            self._attach(upstream)
+        else:
+            self._task = asyncio.ensure_future(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            upstream = await self._pool.connect()
+        except ProxyError as error:
+            self._task = None
+            return self.fail(error)
+        except asyncio.CancelledError:
+            return
+        self._task = None
+        if self._done:
+            upstream.close()
+            return
+        self._attach(upstream)
+
+    def _attach(self, upstream: UpstreamConnection) -> None:
+        self.upstream = upstream
+        upstream.begin(self, no_body=self.head.method == b"HEAD")
+        self._replay = [] if upstream.reused else None
+        if self._request_timeout is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self._request_timeout, self._timed_out)
+        self.flush()
+        self.conn.resume_reading()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self.first_byte_at is None:
+            self.fail(UpstreamTimeout())
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def fail(self, error: ProxyError) -> None:
+        """Answer with the proxy's own error if nothing was sent yet, else cut the stream."""
+        if self._done:
+            return
+        if self.first_byte_at is None:
+            self.first_byte_at = asyncio.get_running_loop().time()
+            self.conn.respond(
+                error.status,
+                [*error_headers(error), (b"X-Request-ID", self.request_id)],
+                error.body(),
+                close=not self.request_done or not self.head.keep_alive,
+            )
+            self._finish(error.status, error_kind=error.kind)
+        else:
+            self.conn.abort()
+            self._finish(self.code)
+
+    def _finish(self, code: int, error_kind: str | None = None) -> None:
+        self._done = True
+        self.code = code
+        self.error_kind = error_kind
+        self._cancel_timer()
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.exchange = None
+            upstream.close()  # the model server sees the request cancelled
+        if self._admitted:
+            self._admitted = False
+            self._admission.release()
+        self._outcome(self)
+        if code != 499:
+            self.conn.response_done(
+                self, keep_alive=self.head.keep_alive, request_done=self.request_done
+            )
+
+
+Route = Callable[[RequestHead, ClientConnection], ProxyExchange]

@@ -1,0 +1,174 @@
+"""The proxy's Prometheus metrics: plain counters on the hot path, families built only
+when `/metrics` is scraped, in a registry owned by the app."""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+# 1 ms to 10 min: LLM streams are long
+BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+ROUTES = ("predict", "sync")
+DIRECTIONS = ("client_to_upstream", "upstream_to_client")
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+class Histogram:
+    """Bucket counts without locks: the event loop is the only writer."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(BUCKETS, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        running = 0
+        points: list[tuple[str, float]] = []
+        for bound, count in zip((*map(str, BUCKETS), "+Inf"), self.counts, strict=True):
+            running += count
+            points.append((bound, running))
+        return points
+
+
+class Gauges:
+    """Read at scrape time, so they are exact at every moment."""
+
+    def __init__(
+        self,
+        *,
+        in_flight: Callable[[], int],
+        queued: Callable[[], int],
+        upstream_ready: Callable[[], bool],
+        websockets: Callable[[], int],
+    ) -> None:
+        self.in_flight = in_flight
+        self.queued = queued
+        self.upstream_ready = upstream_ready
+        self.websockets = websockets
+
+
+class Metrics(Collector):
+    def __init__(self, registry: CollectorRegistry, gauges: Gauges) -> None:
+        self._registry = registry
+        self._gauges = gauges
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.rejected: dict[str, int] = {}
+        self.restarts = 0
+        self.websocket_messages = dict.fromkeys(DIRECTIONS, 0)
+        self.duration = {route: Histogram() for route in ROUTES}
+        self.time_to_first_byte = {route: Histogram() for route in ROUTES}
+        self.queue_wait = Histogram()
+        registry.register(self)
+
+    def request_finished(
+        self,
+        route: str,
+        method: str,
+        code: int,
+        *,
+        duration: float,
+        time_to_first_byte: float | None,
+        queue_wait: float | None,
+        rejected: str | None,
+    ) -> None:
+        key = (route, method, code)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self.duration[route].observe(duration)
+        if time_to_first_byte is not None:
+            self.time_to_first_byte[route].observe(time_to_first_byte)
+        if queue_wait is not None:
+            self.queue_wait.observe(queue_wait)
+        if rejected is not None:
+            self.rejected[rejected] = self.rejected.get(rejected, 0) + 1
+
+    def render(self) -> bytes:
+        return generate_latest(self._registry)
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "model_proxy_requests",
+            "Proxied requests by route, method and status code (499: client left).",
+            labels=["route", "method", "code"],
+        )
+        for (route, method, code), count in sorted(self.requests.items()):
+            requests.add_metric([route, method, str(code)], count)
+        yield requests
+        yield self._histograms(
+            "model_proxy_request_duration_seconds",
+            "Time from request arrival to the end of the response, queue included.",
+            self.duration,
+        )
+        yield self._histograms(
+            "model_proxy_time_to_first_byte_seconds",
+            "Time from request arrival to the first byte of the response head.",
+            self.time_to_first_byte,
+        )
+        queue_wait = HistogramMetricFamily(
+            "model_proxy_queue_wait_seconds", "Time admitted requests waited for a slot."
+        )
+        queue_wait.add_metric([], self.queue_wait.cumulative(), self.queue_wait.total)
+        yield queue_wait
+        gauges = self._gauges
+        yield GaugeMetricFamily(
+            "model_proxy_requests_in_flight",
+            "Requests holding a slot now.",
+            value=gauges.in_flight(),
+        )
+        yield GaugeMetricFamily(
+            "model_proxy_requests_queued", "Requests waiting for a slot now.", value=gauges.queued()
+        )
+        rejected = CounterMetricFamily(
+            "model_proxy_rejected_requests",
+            "Requests the proxy answered itself with an error, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self.rejected.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        yield GaugeMetricFamily(
+            "model_proxy_upstream_ready",
+            "1 while the model server is ready for traffic.",
+            value=1 if gauges.upstream_ready() else 0,
+        )
+        yield CounterMetricFamily(
+            "model_proxy_upstream_restarts",
+            "Restarts of the model server, whatever the cause.",
+            value=self.restarts,
+        )
+        yield GaugeMetricFamily(
+            "model_proxy_websocket_connections",
+            "Open WebSocket connections.",
+            value=gauges.websockets(),
+        )
+        messages = CounterMetricFamily(
+            "model_proxy_websocket_messages",
+            "WebSocket messages passed on, by direction.",
+            labels=["direction"],
+        )
+        for direction, count in self.websocket_messages.items():
+            messages.add_metric([direction], count)
+        yield messages
+
+    @staticmethod
+    def _histograms(name: str, documentation: str, by_route: dict[str, Histogram]) -> Metric:
+        family = HistogramMetricFamily(name, documentation, labels=["route"])
+        for route, histogram in by_route.items():
+            family.add_metric([route], histogram.cumulative(), histogram.total)
+        return family

@@ -1,0 +1,400 @@
+"""The client side of the proxy: one HTTP/1.1 connection parsed with llhttp, its requests
+handed in order to exchanges that write the responses back.
+
+aiohttp's server objects cost more per request than the whole forwarding budget, so the
+listening side is a plain `asyncio.Protocol`; each read event ends with one flush, so a
+request that arrives in one packet leaves for the model server in one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Protocol, cast
+
+import httptools
+
+from .errors import BadRequest, HeadersTooLarge, ProxyError, UriTooLong
+
+MAX_REQUEST_LINE = 8192
+MAX_HEADER_LINE = 8192
+MAX_HEADERS_TOTAL = 65536
+MAX_HEADER_COUNT = 128
+HEADER_TIMEOUT = 30.0  # a client must send a whole request head within this (slowloris)
+IDLE_TIMEOUT = 75.0  # a kept-alive connection with no request is closed after this
+LINGER_TIMEOUT = 2.0  # after an early response, how long an unread body is discarded
+PIPELINE_DEPTH = 8  # queued requests on one connection before reading pauses
+
+REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class RequestHead:
+    """What the parser knows of a request once its headers are complete."""
+
+    __slots__ = ("client_ip", "headers", "keep_alive", "method", "target", "upgrade", "version")
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        version: str,
+        headers: Headers,
+        keep_alive: bool,
+        upgrade: bool,
+        client_ip: str,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.client_ip = client_ip
+
+    def header(self, lower_name: bytes) -> bytes | None:
+        for name, value in self.headers:
+            if name.lower() == lower_name:
+                return value
+        return None
+
+
+class Exchange(Protocol):
+    """One request/response on a client connection; the connection drives it."""
+
+    def start(self) -> None: ...  # its turn to answer (earlier pipelined ones are done)
+    def request_body(self, chunk: bytes) -> None: ...
+    def request_end(self) -> None: ...
+    def flush(self) -> None: ...  # end of a read event: send what has gathered
+    def client_lost(self) -> None: ...
+    def pause_output(self) -> None: ...  # the client reads slower than we write
+    def resume_output(self) -> None: ...
+
+
+Router = Callable[[RequestHead, "ClientConnection"], Exchange]
+
+
+def render_response(
+    status: int, headers: Headers, body: bytes, *, close: bool, head_only: bool = False
+) -> bytes:
+    lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Unknown"))]
+    lines += [name + b": " + value for name, value in headers]
+    lines.append(b"Content-Length: %d" % len(body))
+    if close:
+        lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head_only else body)
+
+
+def error_headers(error: ProxyError) -> Headers:
+    headers: Headers = [(b"Content-Type", b"application/json")]
+    if error.retry_after is not None:
+        headers.append((b"Retry-After", b"%d" % error.retry_after))
+    return headers
+
+
+class ClientConnection(asyncio.Protocol):
+    """Parses requests off one client socket and serialises their exchanges."""
+
+    def __init__(self, router: Router, connections: set[ClientConnection]) -> None:
+        self._router = router
+        self._connections = connections
+        self._parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = ""
+        self._exchanges: deque[Exchange] = deque()
+        self._url = b""
+        self._headers: Headers = []
+        self._head_bytes = 0  # bytes read since the current head began (None: in a body)
+        self._in_head = False
+        self._closing = False
+        self._reading_paused = False
+        self._lingering = False
+        self._upgraded = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_blocked = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else ""
+        self._connections.add(self)
+        self._arm_timer(IDLE_TIMEOUT)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connections.discard(self)
+        self._closing = True
+        self._cancel_timer()
+        exchanges, self._exchanges = self._exchanges, deque()
+        for exchange in exchanges:
+            exchange.client_lost()
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return self._discard(data)
+        if self._upgraded:
+            # bytes after an upgrade request belong to the tunnel being set up
+            if self._exchanges:
+                self._exchanges[-1].request_body(data)
+            return None
+        if self._in_head:
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgraded = True
+            rest = data[upgrade.args[0] :]
+            if rest and self._exchanges:
+                # frames sent before the 101 answer; the tunnel forwards them first
+                self._exchanges[-1].request_body(rest)
+        except ProxyError as error:
+            self._fail(error)
+        except httptools.HttpParserError as error:
+            self._fail(BadRequest(f"malformed HTTP request: {error}"))
+        else:
+            if self._in_head and self._head_bytes > MAX_HEADERS_TOTAL:
+                self._fail(HeadersTooLarge())
+        if self._exchanges:
+            self._exchanges[0].flush()
+            if len(self._exchanges) > 1:
+                self._exchanges[-1].flush()
+
+    def eof_received(self) -> bool | None:
+        # a half-closed client may still want its answer; keep the socket open for it
+        return True if self._exchanges else None
+
+    def pause_writing(self) -> None:
+        self._write_blocked = True
+        if self._exchanges:
+            self._exchanges[0].pause_output()
+
+    def resume_writing(self) -> None:
+        self._write_blocked = False
+        if self._exchanges:
+            self._exchanges[0].resume_output()
+
+    # -- llhttp callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._url = b""
+        self._headers = []
+        self._arm_timer(HEADER_TIMEOUT)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_REQUEST_LINE:
+            raise UriTooLong()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > MAX_HEADER_LINE or len(self._headers) >= MAX_HEADER_COUNT:
+            raise HeadersTooLarge()
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_timer()
+        parser = self._parser
+        head = RequestHead(
+            parser.get_method(),
+            self._url,
+            parser.get_http_version(),
+            self._headers,
+            parser.should_keep_alive(),
+            parser.should_upgrade(),
+            self.client_ip,
+        )
+        exchange = self._router(head, self)
+        self._exchanges.append(exchange)
+        if len(self._exchanges) == 1:
+            exchange.start()
+        elif len(self._exchanges) >= PIPELINE_DEPTH:
+            self.pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        if self._exchanges and not self._lingering:
+            self._exchanges[-1].request_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._lingering:
+            self.close()
+        elif self._exchanges:
+            self._exchanges[-1].request_end()
+
+    # -- used by exchanges ------------------------------------------------------------
+
+    @property
+    def write_blocked(self) -> bool:
+        return self._write_blocked
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self._closing:
+            self.transport.write(data)
+
+    def writelines(self, pieces: list[bytes]) -> None:
+        if self.transport is not None and not self._closing:
+            self.transport.writelines(pieces)
+
+    def respond(self, status: int, headers: Headers, body: bytes, *, close: bool) -> None:
+        self.write(render_response(status, headers, body, close=close))
+
+    def response_done(self, exchange: Exchange, *, keep_alive: bool, request_done: bool) -> None:
+        """The exchange wrote its whole response; go on with the next request or close."""
+        if not self._exchanges or self._exchanges[0] is not exchange:
+            return
+        self._exchanges.popleft()
+        if not request_done:
+            self._linger()
+            return
+        if not keep_alive or self._upgraded:
+            self.close()
+            return
+        if self._exchanges:
+            self._exchanges[0].start()
+            self._exchanges[0].flush()
+        else:
+            self._arm_timer(IDLE_TIMEOUT)
+        self.resume_reading()
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self._closing:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self._closing:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def detach(self) -> asyncio.Transport:
+        """Hand the socket to a tunnel (WebSocket): this connection stops parsing."""
+        assert self.transport is not None
+        self._cancel_timer()
+        self._connections.discard(self)
+        self._exchanges.clear()
+        self._closing = True
+        return self.transport
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        self._closing = True
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self._closing = True
+
+    @property
+    def idle(self) -> bool:
+        return not self._exchanges and not self._in_head
+
+    # -- internals --------------------------------------------------------------------
+
+    def _fail(self, error: ProxyError) -> None:
+        """The request cannot be parsed: answer it (if nothing was answered yet) and close."""
+        if self._exchanges:
+            for exchange in self._exchanges:
+                exchange.client_lost()
+            self._exchanges.clear()
+            self.abort()
+            return
+        self.respond(error.status, error_headers(error), error.body(), close=True)
+        self.close()
+
+    def _linger(self) -> None:
+        """Answered before the body ended: drop the rest of it briefly so the client
+        reads our answer instead of a reset, then close."""
+        self._lingering = True
+        self.resume_reading()
+        self._arm_timer(LINGER_TIMEOUT)
+
+    def _discard(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, ProxyError):
+            self.close()
+
+    def _arm_timer(self, seconds: float) -> None:
+        self._cancel_timer()
+        if self.transport is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(seconds, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._lingering or not self._in_head:
+            self.close()
+            return
+        self.respond(
+            408,
+            [(b"Content-Type", b"application/json")],
+            BadRequest("timed out reading the request head").body(),
+            close=True,
+        )
+        self.close()
+
+
+class LocalExchange:
+    """A response the proxy writes itself (its own endpoints and its errors)."""
+
+    __slots__ = ("_conn", "_keep_alive", "_request_done", "_response", "_started")
+
+    def __init__(
+        self, conn: ClientConnection, head: RequestHead, status: int, headers: Headers, body: bytes
+    ) -> None:
+        self._conn = conn
+        close = not head.keep_alive or head.upgrade
+        self._keep_alive = not close
+        self._response = render_response(
+            status, headers, body, close=close, head_only=head.method == b"HEAD"
+        )
+        self._started = False
+        self._request_done = False
+
+    @classmethod
+    def error(
+        cls, conn: ClientConnection, head: RequestHead, error: ProxyError, *, close: bool = False
+    ) -> LocalExchange:
+        if close:
+            head.keep_alive = False
+        return cls(conn, head, error.status, error_headers(error), error.body())
+
+    def start(self) -> None:
+        self._started = True
+        self._conn.write(self._response)
+        if self._request_done:
+            self._done()
+
+    def request_body(self, chunk: bytes) -> None:
+        pass  # nobody reads it
+
+    def request_end(self) -> None:
+        self._request_done = True
+        if self._started:
+            self._done()
+
+    def flush(self) -> None:
+        pass
+
+    def client_lost(self) -> None:
+        pass
+
+    def pause_output(self) -> None:
+        pass
+
+    def resume_output(self) -> None:
+        pass
+
+    def _done(self) -> None:
+        self._conn.response_done(self, keep_alive=self._keep_alive, request_done=True)

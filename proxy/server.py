@@ -1,0 +1,183 @@
+"""serve(config) -> exit code: the listener, the model server, the signals, and the drain
+in its documented order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable
+
+import aiohttp
+
+from .app import Proxy
+from .config import Config
+from .lifecycle import ModelServer
+from .supervisor import Reaper
+
+log = logging.getLogger("model_proxy")
+
+FORCED_EXIT = 130  # a second SIGINT, as a shell reports an interrupted program
+
+
+class Signals:
+    """SIGTERM/SIGINT start the drain; a second SIGINT forces an immediate exit."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.force = asyncio.Event()
+        self.received_at = 0.0
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_signal_handler(signal.SIGTERM, self._on_signal, signal.SIGTERM)
+        loop.add_signal_handler(signal.SIGINT, self._on_signal, signal.SIGINT)
+
+    def uninstall(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.remove_signal_handler(signal.SIGTERM)
+        loop.remove_signal_handler(signal.SIGINT)
+
+    def _on_signal(self, signum: int) -> None:
+        if self.stop.is_set():
+            if signum == signal.SIGINT:
+                log.warning("second interrupt: stopping now")
+                self.force.set()
+            return
+        log.info("received %s: draining", signal.Signals(signum).name)
+        self.received_at = asyncio.get_running_loop().time()
+        self.stop.set()
+
+
+async def serve(config: Config) -> int:
+    loop = asyncio.get_running_loop()
+    settings = config.proxy
+    signals = Signals()
+    signals.install(loop)
+    reaper = Reaper()
+    reaper.install(loop)
+    proxy = Proxy(config)
+    try:
+        listener = await loop.create_server(
+            proxy.connection, settings.host, settings.port, backlog=4096, reuse_address=True
+        )
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
+        reaper.uninstall()
+        signals.uninstall(loop)
+        return 1
+    log.info(
+        "listening on %s:%d, forwarding to 127.0.0.1:%d",
+        settings.host, settings.port, config.docker_server.server_port,
+    )  # fmt: skip
+    state = proxy.state
+
+    def on_phase(phase: str, pid: int | None) -> None:
+        state.enter(phase, pid)
+        if phase in ("restarting", "stopped"):
+            state.pid = None
+
+    def on_restart() -> None:
+        state.restarts += 1
+        proxy.metrics.restarts += 1
+
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=4, force_close=True)
+    ) as session:
+        model = ModelServer(
+            config, reaper=reaper, session=session, on_phase=on_phase, on_restart=on_restart
+        )
+        life = asyncio.create_task(model.run())
+        stop = asyncio.create_task(signals.stop.wait())
+        await asyncio.wait({life, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if life.done():
+            code = life.result()
+            stop.cancel()
+            listener.close()
+            proxy.draining = proxy.closed = True
+            _abort_all(proxy)
+            await model.stop(settings.child_stop_grace_seconds)
+        else:
+            code = await _drain(proxy, listener, model, life, signals, config)
+    proxy.pool.close()
+    await listener.wait_closed()
+    reaper.uninstall()
+    signals.uninstall(loop)
+    log.info("stopped (exit code %d)", code)
+    return code
+
+
+async def _drain(
+    proxy: Proxy,
+    listener: asyncio.Server,
+    model: ModelServer,
+    life: asyncio.Task[int],
+    signals: Signals,
+    config: Config,
+) -> int:
+    """The contract's drain: /ready 503 → serve until quiet → close the listener → let
+    in-flight work finish within the grace → stop the model server's process group."""
+    loop = asyncio.get_running_loop()
+    settings = config.proxy
+    deadline = signals.received_at + settings.shutdown_grace_seconds
+    model.stopping = True  # an exit from now on is not restarted
+    proxy.draining = True
+    proxy.last_request_at = max(proxy.last_request_at, signals.received_at)
+    started = time.monotonic()
+
+    while not signals.force.is_set():
+        quiet_until = min(proxy.last_request_at + settings.drain_quiet_seconds, deadline)
+        if quiet_until <= loop.time():
+            break
+        await _until(signals.force.wait(), quiet_until - loop.time())
+    listener.close()
+    proxy.closed = True
+    for connection in list(proxy.connections):
+        if connection.idle:
+            connection.close()
+    log.info("listener closed; %d requests in flight", proxy.active)
+
+    if not signals.force.is_set():
+        await _until(_first_of(proxy.idle.wait(), signals.force.wait()), deadline - loop.time())
+    if proxy.active:
+        log.warning("%d requests still in flight after the grace: cutting them", proxy.active)
+    _abort_all(proxy)
+    life.cancel()
+    await asyncio.gather(life, return_exceptions=True)
+    if signals.force.is_set():
+        model.kill()
+        await model.stop(0)
+        return FORCED_EXIT
+    await _until(
+        _first_of(model.stop(settings.child_stop_grace_seconds), signals.force.wait()),
+        settings.child_stop_grace_seconds + 5,
+    )
+    if signals.force.is_set():
+        model.kill()
+        await model.stop(0)
+        return FORCED_EXIT
+    log.info("drained in %.2f s", time.monotonic() - started)
+    return 0
+
+
+def _abort_all(proxy: Proxy) -> None:
+    for connection in list(proxy.connections):
+        connection.abort()
+
+
+async def _until(awaitable: Awaitable[object], seconds: float) -> None:
+    """Wait for `awaitable` at most `seconds`."""
+    try:
+        async with asyncio.timeout(max(seconds, 0)):
+            await awaitable
+    except TimeoutError:
+        pass
+
+
+async def _first_of(*awaitables: Awaitable[object]) -> None:
+    tasks = [asyncio.ensure_future(aw) for aw in awaitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
