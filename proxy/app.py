@@ -25,6 +25,7 @@ from .limiter import Limiter
 from .metrics import CONTENT_TYPE, Gauges, Metrics
 from .paths import RouteMap, split_target
 from .protocol import ClientConnection, Exchange, LocalExchange, RequestHead
+from .websocket import Tunnel
 
 access_log = logging.getLogger("model_proxy.access")
 
@@ -41,9 +42,10 @@ class UpstreamState:
     restarts: int = 0
     since: float = field(default_factory=time.time)
 
-    def enter(self, phase: str, pid: int | None = None) -> None:
+    def enter(self, phase: str, pid: int | None) -> None:
+        """`pid` is the model server's process, None while none runs."""
         self.phase = phase
-        self.pid = pid if pid is not None else self.pid
+        self.pid = pid
         self.since = time.time()
 
     @property
@@ -70,14 +72,16 @@ class Proxy:
         )
         self.pool = UpstreamPool("127.0.0.1", config.docker_server.server_port)
         self.connections: set[ClientConnection] = set()
-        self.websockets = 0
+        self.tunnels: set[Tunnel] = set()
+        self.no_tunnels = asyncio.Event()
+        self.no_tunnels.set()
         self.metrics = Metrics(
             registry or CollectorRegistry(auto_describe=True),
             Gauges(
                 in_flight=lambda: self.limiter.in_flight,
                 queued=lambda: self.limiter.queued,
                 upstream_ready=lambda: self.state.ready,
-                websockets=lambda: self.websockets,
+                websockets=lambda: len(self.tunnels),
             ),
         )
         self.draining = False  # /ready answers 503
@@ -110,6 +114,7 @@ class Proxy:
             return LocalExchange.error(conn, head, rejection, close=self.closed)
         self._started()
         settings = self.config.proxy
+        websocket = head.upgrade and (head.header(b"upgrade") or b"").lower() == b"websocket"
         return ProxyExchange(
             conn,
             head,
@@ -120,6 +125,8 @@ class Proxy:
             outcome=self._finished,
             max_body=settings.max_request_body_bytes,
             request_timeout=settings.request_timeout_seconds,
+            websocket=websocket,
+            on_upgrade=self._upgraded,
         )
 
     def _rejection(self) -> ProxyError | None:
@@ -163,10 +170,38 @@ class Proxy:
         self.active += 1
         self.idle.clear()
 
-    def _finished(self, exchange: ProxyExchange) -> None:
+    def _http_done(self) -> None:
         self.active -= 1
         if self.active == 0:
             self.idle.set()
+
+    def _upgraded(
+        self,
+        exchange: ProxyExchange,
+        client: asyncio.Transport,
+        upstream: asyncio.Transport,
+        from_upstream: bytes,
+    ) -> None:
+        # a WebSocket is no longer an HTTP request in flight: the drain closes it with 1001
+        self._http_done()
+
+        def closed(tunnel: Tunnel) -> None:
+            self.tunnels.discard(tunnel)
+            if not self.tunnels:
+                self.no_tunnels.set()
+            exchange.tunnel_closed()
+
+        tunnel = Tunnel(client, upstream, on_messages=self._count_messages, on_closed=closed)
+        self.tunnels.add(tunnel)
+        self.no_tunnels.clear()
+        tunnel.start(b"", from_upstream)
+
+    def _count_messages(self, direction: str, count: int) -> None:
+        self.metrics.websocket_messages[direction] += count
+
+    def _finished(self, exchange: ProxyExchange) -> None:
+        if exchange.code != 101:
+            self._http_done()
         now = asyncio.get_running_loop().time()
         self.metrics.request_finished(
             exchange.route,

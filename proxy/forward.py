@@ -8,7 +8,6 @@ body chunks are passed on as they are (only re-framed), never copied into a whol
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Protocol, cast
 
 import httptools
@@ -19,7 +18,13 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .headers import Headers, RequestFraming, scan_response_headers, upstream_request_head
+from .headers import (
+    Headers,
+    RequestFraming,
+    scan_response_headers,
+    upstream_request_head,
+    websocket_response_head,
+)
 from .protocol import REASONS, ClientConnection, RequestHead, error_headers
 
 HIGH_WATER = 256 * 1024  # request bytes held while waiting for a slot or a connection
@@ -41,6 +46,18 @@ class Outcome(Protocol):
     """Where a finished exchange reports itself (metrics, access log)."""
 
     def __call__(self, exchange: ProxyExchange) -> None: ...
+
+
+class OnUpgrade(Protocol):
+    """Takes over both sockets once the model server answered 101."""
+
+    def __call__(
+        self,
+        exchange: ProxyExchange,
+        client: asyncio.Transport,
+        upstream: asyncio.Transport,
+        from_upstream: bytes,
+    ) -> None: ...
 
 
 class UpstreamPool:
@@ -138,6 +155,10 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.exchange = None
+            exchange.upgraded(self, data[upgrade.args[0] :])
+            return
         except httptools.HttpParserError:
             self.close()
             exchange.upstream_lost(self)
@@ -166,8 +187,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        self._interim = 100 <= status < 200 and status != 101
-        if self._interim or self.exchange is None:
+        self._interim = 100 <= status < 200  # 1xx: the real answer follows (101: a tunnel)
+        if self.exchange is None:
+            return
+        if status == 101:
+            self.exchange.switching_protocols(self._reason, self._headers)
+            return
+        if self._interim:
             return
         self.exchange.response_head(status, self._reason, self._headers)
         if self._no_body and self.exchange is not None:
@@ -205,6 +231,7 @@ class ProxyExchange:
         "_done",
         "_framing",
         "_max_body",
+        "_on_upgrade",
         "_outcome",
         "_pending",
         "_pending_bytes",
@@ -214,6 +241,7 @@ class ProxyExchange:
         "_response_out",
         "_task",
         "_timer",
+        "_websocket",
         "admitted_at",
         "arrived_at",
         "code",
@@ -240,6 +268,8 @@ class ProxyExchange:
         outcome: Outcome,
         max_body: int,
         request_timeout: float | None,
+        websocket: bool = False,
+        on_upgrade: OnUpgrade | None = None,
     ) -> None:
         self.conn = conn
         self.head = head
@@ -250,6 +280,8 @@ class ProxyExchange:
         self._outcome = outcome
         self._max_body = max_body
         self._request_timeout = request_timeout
+        self._websocket = websocket
+        self._on_upgrade = on_upgrade
         loop = asyncio.get_running_loop()
         self.arrived_at = loop.time()
         self.admitted_at: float | None = None
@@ -277,7 +309,11 @@ class ProxyExchange:
     def start(self) -> None:
         head = self.head
         upstream_head, framing = upstream_request_head(
-            head.method, self.target, head.headers, client_ip=head.client_ip
+            head.method,
+            self.target,
+            head.headers,
+            client_ip=head.client_ip,
+            websocket=self._websocket,
         )
         self._framing = framing
         self.request_id = framing.request_id
@@ -352,6 +388,28 @@ class ProxyExchange:
         if not self.head.keep_alive:
             lines.append(b"Connection: close")
         self._response_out.append(b"\r\n".join(lines) + b"\r\n\r\n")
+
+    def switching_protocols(self, reason: bytes, headers: Headers) -> None:
+        self._cancel_timer()
+        self._replay = None
+        self.code = 101
+        self.first_byte_at = asyncio.get_running_loop().time()
+        self._response_out.append(websocket_response_head(101, reason, headers))
+
+    def upgraded(self, upstream: UpstreamConnection, from_upstream: bytes) -> None:
+        """The model server accepted the WebSocket: hand both sockets to a tunnel."""
+        self.upstream = None
+        if not self._websocket or self._on_upgrade is None or upstream.transport is None:
+            upstream.close()
+            self._response_out.clear()
+            self.first_byte_at = None
+            return self.fail(UpstreamUnavailable("the model server switched protocols uninvited"))
+        self.flush_response()
+        self._on_upgrade(self, self.conn.detach(), upstream.transport, from_upstream)
+
+    def tunnel_closed(self) -> None:
+        if not self._done:
+            self._finish(101)
 
     def response_body(self, chunk: bytes) -> None:
         if self._chunked_out:
@@ -496,6 +554,3 @@ class ProxyExchange:
             self.conn.response_done(
                 self, keep_alive=self.head.keep_alive, request_done=self.request_done
             )
-
-
-Route = Callable[[RequestHead, ClientConnection], ProxyExchange]

@@ -100,6 +100,8 @@ class ModelServer:
             log.warning("the model server %s; restarting in %.0f s", reason, delay)
             self._on_restart()
             await asyncio.sleep(delay)
+            if self.stopping:
+                return 0
 
     async def stop(self, grace: float) -> None:
         self.stopping = True

@@ -140,6 +140,7 @@ class ClientConnection(asyncio.Protocol):
             # bytes after an upgrade request belong to the tunnel being set up
             if self._exchanges:
                 self._exchanges[-1].request_body(data)
+                self._exchanges[-1].flush()
             return None
         if self._in_head:
             self._head_bytes += len(data)

@@ -69,41 +69,48 @@ async def serve(config: Config) -> int:
         "listening on %s:%d, forwarding to 127.0.0.1:%d",
         settings.host, settings.port, config.docker_server.server_port,
     )  # fmt: skip
-    state = proxy.state
-
-    def on_phase(phase: str, pid: int | None) -> None:
-        state.enter(phase, pid)
-        if phase in ("restarting", "stopped"):
-            state.pid = None
 
     def on_restart() -> None:
-        state.restarts += 1
+        proxy.state.restarts += 1
         proxy.metrics.restarts += 1
 
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=4, force_close=True)
     ) as session:
         model = ModelServer(
-            config, reaper=reaper, session=session, on_phase=on_phase, on_restart=on_restart
+            config,
+            reaper=reaper,
+            session=session,
+            on_phase=proxy.state.enter,
+            on_restart=on_restart,
         )
-        life = asyncio.create_task(model.run())
-        stop = asyncio.create_task(signals.stop.wait())
-        await asyncio.wait({life, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if life.done():
-            code = life.result()
-            stop.cancel()
-            listener.close()
-            proxy.draining = proxy.closed = True
-            _abort_all(proxy)
-            await model.stop(settings.child_stop_grace_seconds)
-        else:
-            code = await _drain(proxy, listener, model, life, signals, config)
+        try:
+            code = await _run_until_stopped(proxy, listener, model, signals, config)
+        finally:
+            model.kill()  # whatever happened above, no model server outlives the proxy
     proxy.pool.close()
     await listener.wait_closed()
     reaper.uninstall()
     signals.uninstall(loop)
     log.info("stopped (exit code %d)", code)
     return code
+
+
+async def _run_until_stopped(
+    proxy: Proxy, listener: asyncio.Server, model: ModelServer, signals: Signals, config: Config
+) -> int:
+    life = asyncio.create_task(model.run())
+    stop = asyncio.create_task(signals.stop.wait())
+    await asyncio.wait({life, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if not life.done():
+        return await _drain(proxy, listener, model, life, signals, config)
+    # the policy gave up on the model server: no drain, nothing to serve
+    stop.cancel()
+    listener.close()
+    proxy.draining = proxy.closed = True
+    _abort_all(proxy)
+    await model.stop(config.proxy.child_stop_grace_seconds)
+    return life.result()
 
 
 async def _drain(
@@ -141,6 +148,7 @@ async def _drain(
     if proxy.active:
         log.warning("%d requests still in flight after the grace: cutting them", proxy.active)
     _abort_all(proxy)
+    await _close_websockets(proxy, signals)
     life.cancel()
     await asyncio.gather(life, return_exceptions=True)
     if signals.force.is_set():
@@ -157,6 +165,18 @@ async def _drain(
         return FORCED_EXIT
     log.info("drained in %.2f s", time.monotonic() - started)
     return 0
+
+
+async def _close_websockets(proxy: Proxy, signals: Signals) -> None:
+    """Open WebSockets end with 1001 once the HTTP drain is over."""
+    if not proxy.tunnels:
+        return
+    log.info("closing %d WebSockets", len(proxy.tunnels))
+    for tunnel in list(proxy.tunnels):
+        tunnel.going_away()  # each cuts its sockets itself if the peers do not answer
+    await _first_of(proxy.no_tunnels.wait(), signals.force.wait())
+    for tunnel in list(proxy.tunnels):
+        tunnel.abort()
 
 
 def _abort_all(proxy: Proxy) -> None:
