@@ -4,6 +4,7 @@ model server's state as /health and /ready report it, and the metrics."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
-from .config import Config
+from .config import Config, read_secret
 from .errors import (
     BadRequest,
     Draining,
@@ -19,6 +20,7 @@ from .errors import (
     NotFound,
     NotReady,
     ProxyError,
+    Unauthorized,
 )
 from .forward import ProxyExchange, UpstreamPool
 from .limiter import Limiter
@@ -65,6 +67,11 @@ class Proxy:
         settings = config.proxy
         self.state = UpstreamState()
         self.routes = RouteMap(config.docker_server.predict_endpoint)
+        self._api_key = (
+            read_secret(config, settings.api_key_secret).encode()
+            if settings.api_key_secret
+            else None
+        )
         self.limiter = Limiter(
             max_concurrency=config.predict_concurrency,
             max_queue=settings.max_queue_size,
@@ -108,7 +115,7 @@ class Proxy:
             return LocalExchange.error(conn, head, NotFound())
         route, target = mapped
         self.last_request_at = asyncio.get_running_loop().time()
-        rejection = self._rejection()
+        rejection = self._rejection(head)
         if rejection is not None:
             self._count_rejection(route, head, rejection)
             return LocalExchange.error(conn, head, rejection, close=self.closed)
@@ -129,12 +136,22 @@ class Proxy:
             on_upgrade=self._upgraded,
         )
 
-    def _rejection(self) -> ProxyError | None:
+    def _rejection(self, head: RequestHead) -> ProxyError | None:
+        if self._api_key is not None and not self._authorized(head):
+            return Unauthorized()
         if self.closed:
             return Draining()
         if not self.state.ready:
             return NotReady()
         return None
+
+    def _authorized(self, head: RequestHead) -> bool:
+        """`Authorization: Bearer <key>` or `Api-Key <key>`, compared in constant time."""
+        assert self._api_key is not None
+        scheme, _, credentials = (head.header(b"authorization") or b"").strip().partition(b" ")
+        if scheme.lower() not in (b"bearer", b"api-key"):
+            return False
+        return hmac.compare_digest(credentials.strip(), self._api_key)
 
     def _admin(self, head: RequestHead, conn: ClientConnection, path: bytes) -> Exchange:
         if head.method not in (b"GET", b"HEAD"):
@@ -180,6 +197,7 @@ class Proxy:
         exchange: ProxyExchange,
         client: asyncio.Transport,
         upstream: asyncio.Transport,
+        from_client: bytes,
         from_upstream: bytes,
     ) -> None:
         # a WebSocket is no longer an HTTP request in flight: the drain closes it with 1001
@@ -194,7 +212,7 @@ class Proxy:
         tunnel = Tunnel(client, upstream, on_messages=self._count_messages, on_closed=closed)
         self.tunnels.add(tunnel)
         self.no_tunnels.clear()
-        tunnel.start(b"", from_upstream)
+        tunnel.start(from_client, from_upstream)
 
     def _count_messages(self, direction: str, count: int) -> None:
         self.metrics.websocket_messages[direction] += count

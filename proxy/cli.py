@@ -1,4 +1,4 @@
-"""The command line: `model-proxy run` and `model-proxy check`; exit codes live here."""
+"""The command line: `model-proxy run`, `check` and `presets`; exit codes live here."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import uvloop
 
-from . import logs
+from . import logs, presets
 from .config import Config, load_config, render_config
 from .errors import ConfigError
 from .server import serve
@@ -36,11 +36,18 @@ def _parser() -> argparse.ArgumentParser:
         )
     run.add_argument("--host", help="listen address (overrides proxy.host)")
     run.add_argument("--port", type=int, help="listen port (overrides proxy.port)")
+    listing = commands.add_parser("presets", help="list the server presets for implementation:")
+    listing.add_argument("name", nargs="?", help="show only this preset")
+    listing.add_argument(
+        "--file", type=Path, help="a registry of your own to add, as proxy.presets_file does"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "presets":
+        return _presets(args.name, args.file)
     try:
         config = load_config(
             args.config, host=getattr(args, "host", None), port=getattr(args, "port", None)
@@ -54,6 +61,24 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(render_config(config))
         return 0
     return _run(config)
+
+
+def _presets(name: str | None, file: Path | None) -> int:
+    try:
+        registry = presets.load_registry(file)
+    except ConfigError as error:
+        print(f"model-proxy: {file} is not a valid presets file:", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    chosen = list(registry.values())
+    if name is not None:
+        if (preset := presets.find(registry, name)) is None:
+            print(f"model-proxy: {presets.unknown_preset(registry, name)}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+        chosen = [preset]
+    sys.stdout.write("\n\n".join(presets.describe(preset) for preset in chosen) + "\n")
+    return 0
 
 
 def _run(config: Config) -> int:

@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeGuard, TypeVar
 
 import yaml
 
+from proxy import presets
 from proxy.errors import ConfigError
 
 RestartPolicy = Literal["always", "never"]
@@ -64,6 +65,7 @@ class ProxySettings:
     secrets_dir: Path = Path("/secrets")
     api_key_secret: str | None = None
     log_format: LogFormat = "text"
+    presets_file: Path | None = None  # a registry of the user's own server presets
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,6 +79,9 @@ class Config:
     proxy: ProxySettings
     environment_variables: Mapping[str, str]
     secrets: tuple[str, ...]
+    # the server preset docker_server was expanded from, if any (canonical name)
+    implementation: str | None = None
+    model_uri: str | None = None
 
 
 _PROXY_KEYS = tuple(f.name for f in fields(ProxySettings))
@@ -94,22 +99,23 @@ def load_config(path: Path, *, host: str | None = None, port: int | None = None)
     problems: list[str] = []
     top = _Section(data, "", problems)
     model_name = top.text("model_name") or None
-    # server presets: only type-checked here, they are expanded elsewhere
-    top.text("implementation")
-    top.text("model_uri")
-    top.child("preset_args")
-    docker = _docker_server(top.child("docker_server"))
+    raw_proxy = data.get("proxy")
+    if raw_proxy is None or isinstance(raw_proxy, Mapping):
+        overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        raw_proxy = {**(raw_proxy or {}), **overrides}
+    # read first, for the presets file; its problems are listed after the other sections'
+    proxy_problems: list[str] = []
+    proxy_section = _Section(raw_proxy, "proxy", proxy_problems, known=_PROXY_KEYS)
+    presets_file = _presets_file(proxy_section, path.parent)
+    implementation, model_uri, docker = _docker_from_preset(top, model_name, presets_file)
     runtime = top.child("runtime")
     concurrency = runtime.integer("predict_concurrency", 1, low=1)
     health = _health_checks(runtime.child("health_checks", known=_HEALTH_KEYS))
     environment = _environment(top.child("environment_variables"))
     secrets = _secret_names(data.get("secrets"), problems)
 
-    raw_proxy = data.get("proxy")
-    if raw_proxy is None or isinstance(raw_proxy, Mapping):
-        overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
-        raw_proxy = {**(raw_proxy or {}), **overrides}
-    proxy = _proxy_settings(_Section(raw_proxy, "proxy", problems, known=_PROXY_KEYS), concurrency)
+    proxy = _proxy_settings(proxy_section, concurrency, presets_file)
+    problems.extend(proxy_problems)
 
     if proxy.port and proxy.port == docker.server_port:  # 0: already reported as invalid
         problems.append(
@@ -135,13 +141,17 @@ def load_config(path: Path, *, host: str | None = None, port: int | None = None)
         proxy=proxy,
         environment_variables=MappingProxyType(environment),
         secrets=secrets,
+        implementation=implementation,
+        model_uri=model_uri,
     )
 
 
 def render_config(config: Config) -> str:
     """The resolved configuration as YAML: every setting with its effective value."""
-    data = {
-        "model_name": config.model_name,
+    data: dict[str, Any] = {"model_name": config.model_name}
+    if config.implementation:  # docker_server below is the preset's, expanded
+        data.update(implementation=config.implementation, model_uri=config.model_uri)
+    data |= {
         "docker_server": _plain(config.docker_server),
         "runtime": {
             "predict_concurrency": config.predict_concurrency,
@@ -188,11 +198,55 @@ def _read_yaml(path: Path) -> Mapping[Any, Any]:
     return data
 
 
-def _docker_server(section: _Section) -> DockerServer:
+def _docker_from_preset(
+    top: _Section, model_name: str | None, presets_file: Path | None
+) -> tuple[str | None, str | None, DockerServer]:
+    """docker_server, expanded from the server preset `implementation` names if it names one;
+    with the preset's name and the model_uri it was given."""
+    implementation = top.text("implementation")
+    model_uri = top.text("model_uri") or None
+    args = top.child("preset_args")
+    raw = top.data.get("docker_server")
+    registry = None
+    if implementation or presets_file:  # a presets file is checked even while unused
+        try:
+            registry = presets.load_registry(presets_file)
+        except ConfigError as error:
+            top.problems.extend(f"proxy.presets_file: {problem}" for problem in error.problems)
+    if not implementation:
+        if model_uri is not None:
+            top.fail("model_uri", "needs implementation: the server preset it is for", model_uri)
+        if args.data:
+            top.fail(
+                "preset_args", "need implementation: the server preset they are for", args.data
+            )
+        return None, None, _docker_server(top.child("docker_server"))
+    preset = registry and presets.find(registry, implementation)
+    if registry is not None and preset is None:
+        top.problems.append(f"implementation: {presets.unknown_preset(registry, implementation)}")
+    if not preset or not isinstance(raw, Mapping | None):
+        # said already (or said by _Section): check what the user wrote, without reporting
+        # the keys the preset would have filled as missing
+        section = _Section(raw, "docker_server", top.problems)
+        return None, None, _docker_server(section, complete=False)
+    expanded, problems = presets.expand(
+        preset,
+        explicit=raw or {},
+        model_uri=model_uri,
+        model_name=model_name,
+        preset_args=args.data,
+    )
+    top.problems.extend(problems)
+    section = _Section(expanded if not problems else raw, "docker_server", top.problems)
+    return preset.name, model_uri, _docker_server(section, complete=not problems)
+
+
+def _docker_server(section: _Section, *, complete: bool = True) -> DockerServer:
+    """`complete` False: a key the preset would have filled is not reported as missing."""
     return DockerServer(
-        start_command=section.text("start_command", required=True, nonempty=True),
-        server_port=section.integer("server_port", None, low=1, high=65535),
-        predict_endpoint=section.endpoint("predict_endpoint", required=True, query=True),
+        start_command=section.text("start_command", required=complete, nonempty=True),
+        server_port=section.integer("server_port", None if complete else 0, low=1, high=65535),
+        predict_endpoint=section.endpoint("predict_endpoint", required=complete, query=True),
         readiness_endpoint=section.endpoint("readiness_endpoint") or None,
         liveness_endpoint=section.endpoint("liveness_endpoint") or None,
     )
@@ -206,7 +260,15 @@ def _health_checks(section: _Section) -> HealthChecks:
     )
 
 
-def _proxy_settings(section: _Section, concurrency: int) -> ProxySettings:
+def _presets_file(section: _Section, base: Path) -> Path | None:
+    """proxy.presets_file, relative to the config file's folder."""
+    name = section.text("presets_file", nonempty=True)
+    return base / name if name else None
+
+
+def _proxy_settings(
+    section: _Section, concurrency: int, presets_file: Path | None
+) -> ProxySettings:
     default = ProxySettings(max_queue_size=10 * concurrency)
     api_key_secret = section.text("api_key_secret", nonempty=True) or None
     if api_key_secret and not _is_file_name(api_key_secret):
@@ -235,6 +297,7 @@ def _proxy_settings(section: _Section, concurrency: int) -> ProxySettings:
         secrets_dir=Path(section.text("secrets_dir", nonempty=True) or default.secrets_dir),
         api_key_secret=api_key_secret,
         log_format=section.choice("log_format", _LOG_FORMATS, default.log_format),
+        presets_file=presets_file,
     )
 
 

@@ -39,6 +39,7 @@ class ProxyError(Exception):
     kind: ClassVar[str] = "internal_error"
     default_message: ClassVar[str] = "internal error"
     retry_after: ClassVar[int | None] = None
+    headers: ClassVar[tuple[tuple[bytes, bytes], ...]] = ()
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or self.default_message)
@@ -57,7 +58,9 @@ class BadRequest(ProxyError):
 
 
 class Unauthorized(ProxyError):
-    status, kind, default_message = 401, "unauthorized", "a valid API key is required"
+    status, kind = 401, "unauthorized"
+    default_message = "a valid API key is required: Authorization: Bearer <key> or Api-Key <key>"
+    headers = ((b"WWW-Authenticate", b'Bearer realm="model-proxy"'),)
 
 
 class NotFound(ProxyError):

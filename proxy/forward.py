@@ -20,7 +20,6 @@ from .errors import (
 )
 from .headers import (
     Headers,
-    RequestFraming,
     scan_response_headers,
     upstream_request_head,
     websocket_response_head,
@@ -31,6 +30,7 @@ HIGH_WATER = 256 * 1024  # request bytes held while waiting for a slot or a conn
 REPLAY_LIMIT = 64 * 1024  # a request this small is resent once if a reused connection was stale
 MAX_IDLE = 512
 CHUNK_END = b"\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -56,6 +56,7 @@ class OnUpgrade(Protocol):
         exchange: ProxyExchange,
         client: asyncio.Transport,
         upstream: asyncio.Transport,
+        from_client: bytes,
         from_upstream: bytes,
     ) -> None: ...
 
@@ -228,8 +229,10 @@ class ProxyExchange:
         "_body_bytes",
         "_chunked_in",
         "_chunked_out",
+        "_continue",
+        "_deferred",
         "_done",
-        "_framing",
+        "_early",
         "_max_body",
         "_on_upgrade",
         "_outcome",
@@ -239,8 +242,11 @@ class ProxyExchange:
         "_replay",
         "_request_timeout",
         "_response_out",
+        "_started",
         "_task",
         "_timer",
+        "_until_close",
+        "_upstream_head",
         "_websocket",
         "admitted_at",
         "arrived_at",
@@ -288,15 +294,31 @@ class ProxyExchange:
         self.first_byte_at: float | None = None
         self.code = 0
         self.error_kind: str | None = None
-        self.request_id = b""
         self.request_done = False
         self.upstream: UpstreamConnection | None = None
-        self._framing: RequestFraming | None = None
+        # framed now: body chunks of a pipelined request arrive before its turn
+        self._upstream_head, framing = upstream_request_head(
+            head.method, target, head.headers, client_ip=head.client_ip, websocket=websocket
+        )
+        self.request_id = framing.request_id
+        self._chunked_in = framing.chunked
+        # Expect is not passed on (the body is re-framed), so the proxy invites the body
+        # itself when the request's turn comes, as nginx does
+        self._continue = (
+            head.version == "1.1"
+            and (framing.chunked or bool(framing.content_length))
+            and (head.header(b"expect") or b"").lower() == b"100-continue"
+        )
+        self._deferred: ProxyError | None = None  # failed before its turn: answered in turn
+        if framing.content_length is not None and framing.content_length > max_body:
+            self._deferred = PayloadTooLarge()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._body_bytes = 0
-        self._chunked_in = False
+        self._early: list[bytes] = []  # client bytes after a WebSocket upgrade, until the 101
         self._chunked_out = False
+        self._until_close = False  # the response body ends when the model server closes
+        self._started = False
         self._admitted = False
         self._done = False
         self._replay: list[bytes] | None = None
@@ -307,27 +329,25 @@ class ProxyExchange:
     # -- driven by the client connection ----------------------------------------------
 
     def start(self) -> None:
-        head = self.head
-        upstream_head, framing = upstream_request_head(
-            head.method,
-            self.target,
-            head.headers,
-            client_ip=head.client_ip,
-            websocket=self._websocket,
-        )
-        self._framing = framing
-        self.request_id = framing.request_id
-        self._chunked_in = framing.chunked
-        if framing.content_length is not None and framing.content_length > self._max_body:
-            return self.fail(PayloadTooLarge())
-        self._pending.insert(0, upstream_head)
+        self._started = True
+        if self._deferred is not None:
+            return self.fail(self._deferred)
+        if self._continue and not self.request_done:
+            self.conn.write(CONTINUE)
+        self._pending.insert(0, self._upstream_head)
         if self._admission.try_acquire():
             self._on_admitted()
         else:
             self._task = asyncio.ensure_future(self._wait_for_slot())
 
     def request_body(self, chunk: bytes) -> None:
-        if self._done:
+        if self._done or self._deferred is not None:
+            return
+        if self._websocket and self.request_done:
+            # after the upgrade request: never sent as HTTP, only into an accepted tunnel
+            self._early.append(chunk)
+            if sum(map(len, self._early)) > HIGH_WATER:
+                self.conn.pause_reading()  # the tunnel resumes it
             return
         self._body_bytes += len(chunk)
         if self._body_bytes > self._max_body:
@@ -339,7 +359,7 @@ class ProxyExchange:
 
     def request_end(self) -> None:
         self.request_done = True
-        if self._chunked_in and not self._done:
+        if self._chunked_in and not self._done and self._deferred is None:
             self._queue(LAST_CHUNK)
 
     def flush(self) -> None:
@@ -377,6 +397,9 @@ class ProxyExchange:
         lines = [b"HTTP/1.1 %d %s" % (status, reason or REASONS.get(status, b""))]
         lines += scanned.lines
         no_body = self.head.method == b"HEAD" or status in (204, 304)
+        self._until_close = scanned.content_length is None and not scanned.chunked and not no_body
+        if self._websocket:
+            self.head.keep_alive = False  # refused: the client connection cannot go on as HTTP
         if scanned.content_length is not None:
             lines.append(b"Content-Length: %d" % scanned.content_length)
         elif not no_body:
@@ -394,6 +417,8 @@ class ProxyExchange:
         self._replay = None
         self.code = 101
         self.first_byte_at = asyncio.get_running_loop().time()
+        if not any(name.lower() == b"x-request-id" for name, _ in headers):
+            headers = [*headers, (b"X-Request-ID", self.request_id)]  # returned, as for HTTP
         self._response_out.append(websocket_response_head(101, reason, headers))
 
     def upgraded(self, upstream: UpstreamConnection, from_upstream: bytes) -> None:
@@ -405,7 +430,10 @@ class ProxyExchange:
             self.first_byte_at = None
             return self.fail(UpstreamUnavailable("the model server switched protocols uninvited"))
         self.flush_response()
-        self._on_upgrade(self, self.conn.detach(), upstream.transport, from_upstream)
+        # the client's first frames go through the tunnel, which counts them and must see
+        # where each frame ends
+        from_client, self._early = b"".join(self._early), []
+        self._on_upgrade(self, self.conn.detach(), upstream.transport, from_client, from_upstream)
 
     def tunnel_closed(self) -> None:
         if not self._done:
@@ -445,8 +473,8 @@ class ProxyExchange:
             return
         if self.first_byte_at is None:
             return self.fail(UpstreamUnavailable("the model server closed the connection"))
-        if not self._chunked_out and self.head.version != "1.1" and not self._response_out:
-            return self._finish(self.code)  # a body delimited by the connection's close
+        if self._until_close:
+            return self.response_end()  # a body delimited by the connection's close
         # the answer started: the client can only see a cut stream
         self.flush_response()
         self.conn.abort()
@@ -501,7 +529,7 @@ class ProxyExchange:
         self.upstream = upstream
         upstream.begin(self, no_body=self.head.method == b"HEAD")
         self._replay = [] if upstream.reused else None
-        if self._request_timeout is not None:
+        if self._request_timeout is not None and self._timer is None:  # a resent one keeps it
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self._request_timeout, self._timed_out)
         self.flush()
@@ -520,6 +548,11 @@ class ProxyExchange:
     def fail(self, error: ProxyError) -> None:
         """Answer with the proxy's own error if nothing was sent yet, else cut the stream."""
         if self._done:
+            return
+        if not self._started:
+            # a pipelined request behind others: its answer must wait for its turn
+            self._deferred = error
+            self._pending = []
             return
         if self.first_byte_at is None:
             self.first_byte_at = asyncio.get_running_loop().time()

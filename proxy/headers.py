@@ -67,13 +67,16 @@ def upstream_request_head(
             chunked = value.strip().lower().endswith(b"chunked")
         elif lower == b"content-length":
             content_length = int(value)  # llhttp has checked it is a number, and only one
+        elif websocket and lower in _WEBSOCKET_KEPT:
+            lines.append(name + b": " + value)
+        elif _dropped(lower, named):
+            pass  # before the headers the proxy reads: `Connection: X-Request-ID` drops it too
         elif lower == b"x-request-id":
             request_id = value
         elif lower == b"x-forwarded-for":
-            forwarded_for = forwarded_for + b", " + value if forwarded_for else value
-        elif websocket and lower in _WEBSOCKET_KEPT:
-            lines.append(name + b": " + value)
-        elif _dropped(lower, named) or lower in _REPLACED_IN:
+            if value:  # an empty one adds no hop (nor an empty list element)
+                forwarded_for = forwarded_for + b", " + value if forwarded_for else value
+        elif lower in _REPLACED_IN:
             pass
         else:
             if lower == b"host":

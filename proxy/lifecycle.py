@@ -37,8 +37,10 @@ class ModelServer:
         session: aiohttp.ClientSession,
         on_phase: Callable[[str, int | None], None],
         on_restart: Callable[[], None],
+        backoff: RestartBackoff | None = None,
     ) -> None:
         self._config = config
+        self._backoff = backoff or RestartBackoff()  # tests pass one with short delays
         self._reaper = reaper
         self._on_phase = on_phase
         self._on_restart = on_restart
@@ -60,7 +62,7 @@ class ModelServer:
 
     async def run(self) -> int:
         config = self._config
-        backoff = RestartBackoff()
+        backoff = self._backoff
         env = {**os.environ, **config.environment_variables}
         while True:
             child = spawn(
@@ -83,7 +85,7 @@ class ModelServer:
                 reason = await self._while_running(child)
             if self.stopping:
                 return 0
-            self._on_phase("restarting", None)
+            self._on_phase(self._after_exit, None)
             if reason != "exited":
                 child.kill()
             await child.stop(config.proxy.child_stop_grace_seconds)
@@ -97,7 +99,7 @@ class ModelServer:
                 )  # fmt: skip
                 return 1
             delay = backoff.next_delay()
-            log.warning("the model server %s; restarting in %.0f s", reason, delay)
+            log.warning("the model server %s; restarting in %g s", reason, delay)
             self._on_restart()
             await asyncio.sleep(delay)
             if self.stopping:
@@ -105,8 +107,9 @@ class ModelServer:
 
     async def stop(self, grace: float) -> None:
         self.stopping = True
-        if self.child is not None:
-            await self.child.stop(grace)
+        killed = self.child is not None and await self.child.stop(grace)
+        if killed and grace > 0:  # with no grace the SIGKILL is what was asked for
+            log.warning("the model server was still running %g s after SIGTERM: killed", grace)
         self._on_phase("stopped", None)
 
     def kill(self) -> None:
@@ -120,7 +123,7 @@ class ModelServer:
         ready = wait_until_ready(
             self._readiness, interval=STARTUP_PROBE_INTERVAL, deadline=deadline, clock=loop.time
         )
-        winner, result = await _first({"probe": ready, "exit": _exited(child)})
+        winner, result = await _first({"probe": ready, "exit": self._exited(child)})
         if winner == "probe":
             return "ready" if result else "was not ready in time"
         return "exited"
@@ -144,7 +147,7 @@ class ModelServer:
                 liveness_failed.set()
 
         racers: dict[str, Awaitable[object]] = {
-            "exit": _exited(child),
+            "exit": self._exited(child),
             "readiness": watch(
                 self._readiness,
                 interval=settings.probe_interval_seconds,
@@ -165,12 +168,18 @@ class ModelServer:
         winner, _ = await _first(racers)
         return "exited" if winner == "exit" else "failed its liveness probe"
 
+    @property
+    def _after_exit(self) -> str:
+        return "restarting" if self._config.proxy.restart_policy == "always" else "stopped"
 
-async def _exited(child: ChildProcess) -> str:
-    code = await child.wait()
-    level = logging.INFO if code == 0 else logging.WARNING
-    log.log(level, "the model server (pid %d) exited with code %d", child.pid, code)
-    return "exited"
+    async def _exited(self, child: ChildProcess) -> str:
+        code = await child.wait()
+        # /ready and /health turn 503 in the very step the exit is seen, before it is
+        # logged: whoever reads the log line can no longer get a 200 (during a drain too).
+        self._on_phase("stopped" if self.stopping else self._after_exit, None)
+        level = logging.INFO if code == 0 else logging.WARNING
+        log.log(level, "the model server (pid %d) exited with code %d", child.pid, code)
+        return "exited"
 
 
 async def _first(racers: dict[str, Awaitable[object]]) -> tuple[str, object]:

@@ -45,6 +45,8 @@ class Limiter:
             async with asyncio.timeout(self.queue_timeout):
                 await waiter
         except TimeoutError:
+            if waiter.done() and not waiter.cancelled():
+                return  # the slot arrived just as the timeout fired: keep it, never leak it
             raise QueueTimeout() from None
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():

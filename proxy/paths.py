@@ -34,7 +34,9 @@ def normalise(path: bytes) -> bytes:
     as nginx does before routing; the result always starts with exactly one "/"."""
     segments: list[bytes] = []
     parts = _SLASHES.sub(b"/", path).split(b"/")
-    for segment in parts[1:]:
+    if not parts[0]:
+        del parts[0]  # the leading "/"; a path without one loses no segment
+    for segment in parts:
         lowered = segment.lower()
         if lowered in _DOT:
             continue
@@ -43,7 +45,7 @@ def normalise(path: bytes) -> bytes:
                 segments.pop()
             continue
         segments.append(segment)
-    trailing = b"/" if parts[-1].lower() in _DOT | _DOTDOT and segments else b""
+    trailing = b"/" if parts and parts[-1].lower() in _DOT | _DOTDOT and segments else b""
     return b"/" + b"/".join(segments) + trailing
 
 

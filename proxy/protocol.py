@@ -89,7 +89,7 @@ def render_response(
 
 
 def error_headers(error: ProxyError) -> Headers:
-    headers: Headers = [(b"Content-Type", b"application/json")]
+    headers: Headers = [(b"Content-Type", b"application/json"), *error.headers]
     if error.retry_after is not None:
         headers.append((b"Retry-After", b"%d" % error.retry_after))
     return headers
@@ -107,12 +107,17 @@ class ClientConnection(asyncio.Protocol):
         self._exchanges: deque[Exchange] = deque()
         self._url = b""
         self._headers: Headers = []
-        self._head_bytes = 0  # bytes read since the current head began (None: in a body)
+        self._head_bytes = 0  # bytes read while the current head is incomplete
+        self._header_bytes = 0  # the current head's complete header lines
         self._in_head = False
         self._closing = False
         self._reading_paused = False
         self._lingering = False
         self._upgraded = False
+        # an Upgrade the proxy does not take (h2c...): the synthetic head that lets a fresh
+        # parser read the body llhttp skipped (b"": no body), then HTTP/1.1 goes on
+        self._upgrade_declined: bytes | None = None
+        self._body_only = False  # the parser reads a body whose head was already routed
         self._timer: asyncio.TimerHandle | None = None
         self._write_blocked = False
 
@@ -142,31 +147,52 @@ class ClientConnection(asyncio.Protocol):
                 self._exchanges[-1].request_body(data)
                 self._exchanges[-1].flush()
             return None
-        if self._in_head:
+        if self._feed(data) and self._in_head:
+            # the read ends inside a head, which httptools holds until it is complete
+            # (counted after parsing: a head that began in this read counts too)
             self._head_bytes += len(data)
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            self._upgraded = True
-            rest = data[upgrade.args[0] :]
-            if rest and self._exchanges:
-                # frames sent before the 101 answer; the tunnel forwards them first
-                self._exchanges[-1].request_body(rest)
-        except ProxyError as error:
-            self._fail(error)
-        except httptools.HttpParserError as error:
-            self._fail(BadRequest(f"malformed HTTP request: {error}"))
-        else:
-            if self._in_head and self._head_bytes > MAX_HEADERS_TOTAL:
+            if self._head_bytes > MAX_HEADERS_TOTAL:
                 self._fail(HeadersTooLarge())
         if self._exchanges:
             self._exchanges[0].flush()
             if len(self._exchanges) > 1:
                 self._exchanges[-1].flush()
 
+    def _feed(self, data: bytes) -> bool:
+        """Parse `data`; False when the request was malformed (and answered)."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            rest = data[upgrade.args[0] :]
+            if self._upgrade_declined is None:
+                self._upgraded = True
+                if rest and self._exchanges:
+                    # bytes sent before the 101 answer; the tunnel forwards them first
+                    self._exchanges[-1].request_body(rest)
+                return True
+            # llhttp stopped after the head as if the protocol changed; it did not
+            head, self._upgrade_declined = self._upgrade_declined, None
+            self._parser = httptools.HttpRequestParser(self)
+            if head:
+                self._body_only = True
+            else:
+                self.on_message_complete()
+            return self._feed(head + rest) if head or rest else True
+        except httptools.HttpParserError as error:
+            # a callback's own error (too long a line) arrives wrapped by httptools
+            cause = error.__context__
+            if isinstance(cause, ProxyError):
+                self._fail(cause)
+            else:
+                self._fail(BadRequest(f"malformed HTTP request: {error}"))
+            return False
+        return True
+
     def eof_received(self) -> bool | None:
-        # a half-closed client may still want its answer; keep the socket open for it
-        return True if self._exchanges else None
+        # A client that closes its side has left, as nginx and Go's net/http take it (a
+        # half-close cannot be told apart from a close): the transport closes, and the
+        # request to the model server is cancelled at once, counted 499.
+        return None
 
     def pause_writing(self) -> None:
         self._write_blocked = True
@@ -181,23 +207,38 @@ class ClientConnection(asyncio.Protocol):
     # -- llhttp callbacks -------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._body_only:
+            return
         self._in_head = True
         self._head_bytes = 0
+        self._header_bytes = 0
         self._url = b""
         self._headers = []
         self._arm_timer(HEADER_TIMEOUT)
 
     def on_url(self, url: bytes) -> None:
+        if self._body_only:
+            return
         self._url += url
         if len(self._url) > MAX_REQUEST_LINE:
             raise UriTooLong()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) + len(value) > MAX_HEADER_LINE or len(self._headers) >= MAX_HEADER_COUNT:
+        if self._body_only:
+            return
+        size = len(name) + len(value)
+        self._header_bytes += size
+        if (
+            size > MAX_HEADER_LINE
+            or self._header_bytes > MAX_HEADERS_TOTAL
+            or len(self._headers) >= MAX_HEADER_COUNT
+        ):
             raise HeadersTooLarge()
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._body_only:
+            return
         self._in_head = False
         self._cancel_timer()
         parser = self._parser
@@ -210,6 +251,10 @@ class ClientConnection(asyncio.Protocol):
             parser.should_upgrade(),
             self.client_ip,
         )
+        if head.upgrade and not _tunnels(head):
+            # RFC 9110 §7.8: an Upgrade may be ignored. llhttp would hand every byte after
+            # this head (its body, the next requests) to a tunnel; keep parsing them as HTTP
+            self._upgrade_declined = _body_framing(head)
         exchange = self._router(head, self)
         self._exchanges.append(exchange)
         if len(self._exchanges) == 1:
@@ -222,6 +267,9 @@ class ClientConnection(asyncio.Protocol):
             self._exchanges[-1].request_body(body)
 
     def on_message_complete(self) -> None:
+        if self._upgrade_declined is not None:
+            return  # the body, if any, is read after the upgrade pause
+        self._body_only = False
         if self._lingering:
             self.close()
         elif self._exchanges:
@@ -344,6 +392,24 @@ class ClientConnection(asyncio.Protocol):
             close=True,
         )
         self.close()
+
+
+def _tunnels(head: RequestHead) -> bool:
+    """Whether an upgrade request turns the connection into a tunnel (a WebSocket;
+    CONNECT, which is refused, and the connection closed)."""
+    upgrade = head.header(b"upgrade") or b""
+    return head.method == b"CONNECT" or upgrade.strip().lower() == b"websocket"
+
+
+def _body_framing(head: RequestHead) -> bytes:
+    """A head with only the body framing of `head`, for a parser to read that body."""
+    encoding = head.header(b"transfer-encoding")
+    if encoding is not None:
+        return b"PUT / HTTP/1.1\r\nTransfer-Encoding: " + encoding + b"\r\n\r\n"
+    length = head.header(b"content-length")
+    if length is not None and length.strip() not in (b"", b"0"):
+        return b"PUT / HTTP/1.1\r\nContent-Length: " + length + b"\r\n\r\n"
+    return b""
 
 
 class LocalExchange:

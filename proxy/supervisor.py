@@ -200,17 +200,20 @@ class ChildProcess:
     def kill(self) -> None:
         self._signal_group(signal.SIGKILL)
 
-    async def stop(self, grace: float) -> None:
-        """SIGTERM the group, SIGKILL it if any process outlives `grace`; return once it is gone."""
+    async def stop(self, grace: float) -> bool:
+        """SIGTERM the group, SIGKILL it if any process outlives `grace`; return once it is
+        gone, True if it took a SIGKILL."""
         if not self._signal_group(signal.SIGTERM):
-            return
+            return False
         self._signal_group(signal.SIGCONT)  # a stopped process would never see the SIGTERM
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
                 await self.wait_group_gone()
-                return
+                return False
         if self._signal_group(signal.SIGKILL):
             await self.wait_group_gone()
+            return True
+        return False
 
     def _signal_group(self, signum: int) -> bool:
         """Signal every process of the group; False if the group is gone."""

@@ -101,9 +101,10 @@ def write_config(
 
 
 @asynccontextmanager
-async def fake_upstream(app: web.Application) -> AsyncIterator[int]:
-    """Serve `app` on 127.0.0.1; yields its port."""
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+async def fake_upstream(app: web.Application, **options: Any) -> AsyncIterator[int]:
+    """Serve `app` on 127.0.0.1; yields its port. `options` go to `web.AppRunner`
+    (`handler_cancellation=True`: a handler is cancelled when its client leaves)."""
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, **options)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

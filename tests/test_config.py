@@ -557,8 +557,8 @@ def test_each_rule_reports_its_problem(
         {"runtime.transport": {"kind": "websocket"}, "runtime.streaming_read_timeout": 60},
         {"docker_server.run_as_user_id": 1000, "docker_server.future_key": [1]},
         {"some_future_truss_key": {"nested": True}},
-        # preset keys are accepted without acting on them
-        {"implementation": "vllm", "model_uri": "hf://org/model", "preset_args": {"a": 1}},
+        # a server preset whose every key docker_server overrides (tests/test_presets.py)
+        {"implementation": "vllm", "model_uri": "hf://org/model"},
         # null means "the default" everywhere
         {"proxy": None, "runtime": None, "environment_variables": None, "secrets": None},
         {"proxy.port": None, "runtime.predict_concurrency": None, "model_name": None},

@@ -1,0 +1,1 @@
+"""The benchmark: model-proxy side by side with nginx (`python -m bench`; see README.md)."""

@@ -1,0 +1,199 @@
+"""The targets measured side by side: the backend directly, nginx tuned, nginx as
+Baseten's docker_server configures it, and model-proxy. Each knows where to send traffic
+for a backend and which processes' CPU and memory are its cost."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import yaml
+
+from . import nginx
+from .backends import REPO, Backends
+from .procs import Service, free_port, http_status
+
+TARGET_NAMES = ("direct", "nginx-tuned", "nginx-docker", "model-proxy")
+REFERENCE = "nginx-tuned"  # every ratio is to this one
+READY_TIMEOUT = 30.0
+
+
+class Target(Protocol):
+    name: str
+
+    def port(self, backend: str) -> int: ...
+
+    def path(self, backend_path: str) -> str:
+        """The path to ask for to reach `backend_path` on the backend through this target."""
+        ...
+
+    def pids(self, backend: str) -> list[int]:
+        """The processes whose CPU and memory this target costs (none for direct)."""
+        ...
+
+    def stop(self) -> None: ...
+
+
+def proxied_path(backend_path: str) -> str:
+    """model-proxy's routes, which the nginx proxies copy: /predict as it is, the rest
+    under /sync/."""
+    if backend_path == "/predict" or backend_path.startswith("/predict?"):
+        return backend_path
+    return "/sync" + backend_path
+
+
+@dataclass
+class Direct:
+    backends: Backends
+    name: str = "direct"
+
+    def port(self, backend: str) -> int:
+        return self.backends.ports[backend]
+
+    def path(self, backend_path: str) -> str:
+        return backend_path
+
+    def pids(self, backend: str) -> list[int]:
+        return []
+
+    def stop(self) -> None:
+        pass
+
+
+@dataclass
+class NginxProxy:
+    name: str
+    server: nginx.Nginx
+    ports: dict[str, int]
+
+    def port(self, backend: str) -> int:
+        return self.ports[backend]
+
+    def path(self, backend_path: str) -> str:
+        return proxied_path(backend_path)
+
+    def pids(self, backend: str) -> list[int]:
+        return self.server.pids()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def model_proxy_config(
+    directory: Path,
+    *,
+    name: str,
+    port: int,
+    server_port: int,
+    start_command: str = "exec sleep infinity",
+    readiness_endpoint: str | None = None,
+) -> Path:
+    """A config whose child does nothing by default (the backend runs on its own, and
+    readiness is the backend's port accepting TCP)."""
+    docker_server: dict[str, object] = {
+        "start_command": start_command,
+        "server_port": server_port,
+        "predict_endpoint": "/predict",
+    }
+    if readiness_endpoint:
+        docker_server["readiness_endpoint"] = readiness_endpoint
+    config = {
+        "model_name": name,
+        "docker_server": docker_server,
+        # every scenario's concurrency fits in, up to 1,000 streams at once
+        "runtime": {"predict_concurrency": 4096},
+        "proxy": {
+            "host": "127.0.0.1",
+            "port": port,
+            "max_queue_size": 4096,
+            "drain_quiet_seconds": 0,
+            "shutdown_grace_seconds": 2,
+            "child_stop_grace_seconds": 1,
+        },
+    }
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def start_model_proxy(config: Path, name: str, log: Path) -> Service:
+    return Service.start(
+        name, [sys.executable, "-m", "proxy", "run", "--config", str(config)], log=log, cwd=REPO
+    )
+
+
+def wait_ready(service: Service, port: int, timeout: float = READY_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        service.check_alive()
+        if http_status(port, "/ready") == 200:
+            return
+        time.sleep(0.01)
+    raise RuntimeError(f"{service.name}: /ready is not 200 after {timeout} s; see {service.log}")
+
+
+@dataclass
+class ModelProxy:
+    """One model-proxy process per backend (a config has one server_port)."""
+
+    workdir: Path
+    backends: Backends
+    name: str = "model-proxy"
+    services: dict[str, Service] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def start(self) -> None:
+        for backend, server_port in self.backends.ports.items():
+            port = free_port()
+            config = model_proxy_config(
+                self.workdir, name=f"model-proxy-{backend}", port=port, server_port=server_port
+            )
+            log = self.workdir / f"model-proxy-{backend}.log"
+            self.services[backend] = start_model_proxy(config, f"model-proxy ({backend})", log)
+            self.ports[backend] = port
+        for backend, service in self.services.items():
+            wait_ready(service, self.ports[backend])
+
+    def port(self, backend: str) -> int:
+        return self.ports[backend]
+
+    def path(self, backend_path: str) -> str:
+        return proxied_path(backend_path)
+
+    def pids(self, backend: str) -> list[int]:
+        # the proxy process only: its child here is `sleep`, the backend runs on its own
+        return [self.services[backend].pid]
+
+    def stop(self) -> None:
+        for service in self.services.values():
+            service.stop()
+
+
+def start_all(
+    workdir: Path, backends: Backends, names: Sequence[str], cleanup: ExitStack
+) -> list[Target]:
+    """Start the named targets; each is stopped by `cleanup`, even one that failed to start."""
+    targets: list[Target] = []
+    for name in names:
+        target: Target
+        if name == "direct":
+            target = Direct(backends)
+        elif name in ("nginx-tuned", "nginx-docker"):
+            make = nginx.tuned_proxy if name == "nginx-tuned" else nginx.docker_server_proxy
+            server, ports = make(workdir / name, backends.ports)
+            target = NginxProxy(name, server, ports)
+            cleanup.callback(target.stop)
+            server.start()
+        elif name == "model-proxy":
+            target = ModelProxy(workdir, backends)
+            cleanup.callback(target.stop)
+            target.start()
+        else:
+            raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGET_NAMES)}")
+        targets.append(target)
+    return targets

@@ -1,0 +1,353 @@
+"""The command line as users run it: `model-proxy check|run` and `python -m proxy`, as real
+subprocesses, with their exit codes, stdout and stderr."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from proxy.cli import main
+from proxy.config import DockerServer, HealthChecks, ProxySettings
+
+from .conftest import ROOT, RunningProxy, free_port, write_config
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("model-proxy")
+
+# Baseten's vLLM example (docs: "Deploy custom servers from Docker images"), unchanged but
+# for the proxy: section that points secrets_dir at the test's directory.
+VLLM_CONFIG = """\
+base_image:
+  image: vllm/vllm-openai:latest
+docker_server:
+  start_command: sh -c "HF_TOKEN=$(cat /secrets/hf_access_token) vllm serve meta-llama/Meta-Llama-3.1-8B-Instruct --port 8000 --max-model-len 1024"
+  readiness_endpoint: /health
+  liveness_endpoint: /health
+  predict_endpoint: /v1/chat/completions
+  server_port: 8000
+resources:
+  accelerator: L4
+  use_gpu: true
+model_name: vllm-model-server
+secrets:
+  hf_access_token: null
+runtime:
+  predict_concurrency: 128
+proxy:
+  secrets_dir: {secrets_dir}
+"""  # noqa: E501 -- the start_command is quoted as Baseten's page has it
+
+SECRET_VALUE = "hf_do_not_print_me"
+
+
+def cli(
+    *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m proxy ARGS`, run to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        cwd=cwd,
+        env=env if env is not None else environment(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def in_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """`main(ARGS)` in this process, for the cases where the process itself is not the point."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit:  # argparse's usage errors
+            code = exit.code if isinstance(exit.code, int) else 1
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def environment(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MODEL_PROXY_CONFIG"}
+    return {**env, **overrides}
+
+
+def vllm_config(directory: Path) -> Path:
+    (directory / "hf_access_token").write_text(SECRET_VALUE + "\n")
+    path = directory / "config.yaml"
+    path.write_text(VLLM_CONFIG.format(secrets_dir=directory))
+    return path
+
+
+def problems(stderr: str) -> dict[str, str]:
+    """The `dotted.path: what` lines of a configuration report, by path."""
+    found = {}
+    for line in stderr.splitlines():
+        match = re.match(r"^\s+(\S+): (.+)$", line)
+        if match:
+            found[match[1]] = match[2]
+    return found
+
+
+def test_check_prints_every_resolved_setting_of_a_truss_config(tmp_path: Path) -> None:
+    result = cli("check", "--config", str(vllm_config(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert SECRET_VALUE not in result.stdout
+    resolved: dict[str, Any] = yaml.safe_load(result.stdout)
+    expected = {
+        "model_name": "vllm-model-server",
+        "docker_server": {
+            "start_command": (
+                'sh -c "HF_TOKEN=$(cat /secrets/hf_access_token) vllm serve'
+                ' meta-llama/Meta-Llama-3.1-8B-Instruct --port 8000 --max-model-len 1024"'
+            ),
+            "server_port": 8000,
+            "predict_endpoint": "/v1/chat/completions",
+            "readiness_endpoint": "/health",
+            "liveness_endpoint": "/health",
+        },
+        "runtime": {
+            "predict_concurrency": 128,
+            "health_checks": {
+                "startup_threshold_seconds": 1800,
+                "stop_traffic_threshold_seconds": 60,
+                "restart_threshold_seconds": 90,
+            },
+        },
+        "environment_variables": {},
+        "secrets": ["hf_access_token"],
+        "proxy": {
+            "host": "0.0.0.0",
+            "port": 8080,
+            "max_queue_size": 1280,
+            "queue_timeout_seconds": None,
+            "request_timeout_seconds": None,
+            "max_request_body_bytes": 104857600,
+            "probe_interval_seconds": 1,
+            "drain_quiet_seconds": 3,
+            "shutdown_grace_seconds": 30,
+            "child_stop_grace_seconds": 10,
+            "restart_policy": "always",
+            "secrets_dir": str(tmp_path),
+            "api_key_secret": None,
+            "log_format": "text",
+        },
+    }
+    # every setting is there (the sections' fields, whatever is added later), and those
+    # known here have the values this file and the defaults give them
+    sections = {
+        "docker_server": (resolved["docker_server"], DockerServer),
+        "runtime.health_checks": (resolved["runtime"]["health_checks"], HealthChecks),
+        "proxy": (resolved["proxy"], ProxySettings),
+    }
+    for name, (section, settings) in sections.items():
+        assert set(section) == {field.name for field in fields(settings)}, name
+    assert resolved["runtime"].keys() == {"predict_concurrency", "health_checks"}
+    assert expected["proxy"].items() <= resolved["proxy"].items()
+    assert {**expected, "proxy": None} == {**resolved, "proxy": None}
+
+
+def test_check_lists_every_problem_with_its_dotted_path(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "docker_server": {"server_port": "80a", "predict_endpoint": "v1/chat"},
+                "runtime": {
+                    "predict_concurrency": 0,
+                    "health_checks": {"startup_threshold_seconds": -1},
+                },
+                "secrets": {"hf_access_token": None},
+                "proxy": {
+                    "port": 70000,
+                    "restart_policy": "sometimes",
+                    "drain_quiet_secs": 1,
+                    "secrets_dir": str(tmp_path),
+                },
+            }
+        )
+    )
+    result = in_process("check", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert str(path) in result.stderr.splitlines()[0]
+    found = problems(result.stderr)
+    assert set(found) == {
+        "docker_server.start_command",
+        "docker_server.server_port",
+        "docker_server.predict_endpoint",
+        "runtime.predict_concurrency",
+        "runtime.health_checks.startup_threshold_seconds",
+        "secrets.hf_access_token",
+        "proxy.port",
+        "proxy.restart_policy",
+        "proxy.drain_quiet_secs",
+    }
+    assert found["docker_server.start_command"] == "required"
+    assert found["docker_server.server_port"].endswith('(got "80a")')
+    assert found["docker_server.predict_endpoint"].endswith('(got "v1/chat")')
+    assert found["runtime.predict_concurrency"].endswith("(got 0)")
+    assert found["runtime.health_checks.startup_threshold_seconds"].endswith("(got -1)")
+    assert found["proxy.port"].endswith("(got 70000)")
+    assert found["proxy.restart_policy"].endswith('(got "sometimes")')
+    assert "drain_quiet_seconds" in found["proxy.drain_quiet_secs"]
+    assert "missing" in found["secrets.hf_access_token"]
+
+
+def test_a_missing_file_is_exit_2_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.yaml"
+    for command in ("check", "run"):
+        result = in_process(command, "--config", str(missing))
+        assert result.returncode == 2
+        assert result.stdout == ""
+        assert f"{missing}: no such file" in result.stderr
+
+
+def test_a_yaml_syntax_error_is_exit_2_naming_the_file_and_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("model_name: x\ndocker_server:\n  start_command: [unclosed\n  server_port: 1\n")
+    result = in_process("check", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert re.search(rf"{re.escape(str(path))}:4:\d+: invalid YAML", result.stderr), result.stderr
+
+
+def test_run_with_a_bad_config_exits_2_before_starting_anything(tmp_path: Path) -> None:
+    marker = tmp_path / "started"
+    port = free_port()
+    path = write_config(
+        tmp_path,
+        server_port=port,
+        start_command=f"touch {marker}",
+        proxy={"port": port, "log_format": "loud"},
+    )
+    result = cli("run", "--config", str(path))
+    assert result.returncode == 2
+    found = problems(result.stderr)
+    assert set(found) == {"proxy.port", "proxy.log_format"}
+    assert "listening" not in result.stderr
+    assert not marker.exists()
+
+
+def test_config_defaults_to_the_environment_then_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    here = write_config(tmp_path, extra={"model_name": "from-cwd"})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    chosen = write_config(elsewhere, extra={"model_name": "from-env"})
+
+    def model_name(result: subprocess.CompletedProcess[str]) -> str:
+        assert result.returncode == 0, result.stderr
+        name: str = yaml.safe_load(result.stdout)["model_name"]
+        return name
+
+    monkeypatch.delenv("MODEL_PROXY_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert model_name(in_process("check")) == "from-cwd"
+    # the real program too, where the default is computed at startup
+    assert model_name(cli("check", cwd=tmp_path)) == "from-cwd"
+
+    monkeypatch.setenv("MODEL_PROXY_CONFIG", str(chosen))
+    assert model_name(in_process("check")) == "from-env"
+    assert model_name(in_process("check", "--config", str(here))) == "from-cwd"
+    monkeypatch.setenv("MODEL_PROXY_CONFIG", "nope.yaml")
+    result = in_process("check")
+    assert result.returncode == 2
+    assert "nope.yaml: no such file" in result.stderr
+
+    monkeypatch.delenv("MODEL_PROXY_CONFIG")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    result = in_process("check")
+    assert result.returncode == 2
+    assert "config.yaml: no such file (pass --config PATH or set MODEL_PROXY_CONFIG)" in (
+        result.stderr
+    )
+
+
+def test_the_console_script_and_python_m_proxy_are_the_same_program(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    via_module = cli("check", "--config", str(path))
+    via_script = subprocess.run(
+        [str(CONSOLE_SCRIPT), "check", "--config", str(path)],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert via_module.returncode == via_script.returncode == 0
+    assert via_script.stdout == via_module.stdout
+    assert yaml.safe_load(via_script.stdout)["model_name"] == "test-model"
+
+
+@pytest.mark.parametrize("args", [[], ["serve"], ["check", "--bogus"]])
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    result = in_process(*args)
+    assert result.returncode == 2
+    assert "usage: model-proxy" in result.stderr
+
+
+async def test_run_port_and_host_override_the_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path, proxy={"host": "0.0.0.0"})
+    file_port = yaml.safe_load(path.read_text())["proxy"]["port"]
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        str(CONSOLE_SCRIPT),
+        "run",
+        "--config",
+        str(path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        cwd=ROOT,
+        env=environment(),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    proxy = RunningProxy(process, port)
+    try:
+        await proxy.wait_for_log(rf"listening on 127\.0\.0\.1:{port}\b")
+        await proxy.wait_for_log("the model server is ready")
+        async with aiohttp.ClientSession() as session, asyncio.timeout(5):
+            async with session.get(proxy.url + "/ready") as response:
+                assert response.status == 200
+            with pytest.raises(aiohttp.ClientConnectorError):
+                await session.get(f"http://127.0.0.1:{file_port}/ready")
+        proxy.signal(signal.SIGTERM)
+        assert await proxy.exited() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def test_run_exits_1_without_starting_the_model_server_when_its_port_is_taken(
+    tmp_path: Path,
+) -> None:
+    marker = tmp_path / "started"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_config(tmp_path, start_command=f"touch {marker}", proxy={"port": port})
+        result = cli("run", "--config", str(path))
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert not marker.exists()
