@@ -18,6 +18,7 @@ from typing import Any
 
 from . import backends as backend_servers
 from . import install, report
+from .figures import Results
 from .measure import Run, memory_at_rest, readiness_latency, run_once
 from .procs import LOADGEN_CPU
 from .scenarios import BY_NAME, SCENARIOS, Scenario
@@ -167,10 +168,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log(f"started the backends and {', '.join(target_names)} (logs in {workdir})")
         for target in targets:
             if target.name != "direct":
-                memory[target.name] = memory_at_rest(target)
+                try:
+                    memory[target.name] = memory_at_rest(target)
+                except Exception as exc:  # reported; the scenarios still run
+                    _log(f"memory at rest of {target.name} not measured: {exc}")
         if "model-proxy" in target_names:
-            readiness = [readiness_latency(workdir) for _ in range(reps)]
-            _log(f"child ready -> /ready 200: {statistics.median(readiness) * 1000:.1f} ms")
+            try:
+                readiness = [readiness_latency(workdir) for _ in range(reps)]
+                _log(f"child ready -> /ready 200: {statistics.median(readiness) * 1000:.1f} ms")
+            except Exception as exc:
+                _log(f"readiness latency not measured: {exc}")
         runs = _run_scenarios(
             scenarios, targets, servers, reps=reps, duration=duration, workdir=workdir
         )
@@ -187,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scenarios": [s.name for s in scenarios],
         "workdir": str(workdir),
     }
-    results = report.Results(meta, runs, memory, readiness, scenarios)
+    results = Results(meta, runs, memory, readiness, scenarios)
     table = report.write(results, BENCH / "results", output)
     if output == "latest":
         report.update_readme(BENCH / "README.md", table)

@@ -98,6 +98,9 @@ class Proxy:
         self.idle = asyncio.Event()
         self.idle.set()
 
+    def start_draining(self) -> None:
+        self.draining = True
+
     def connection(self) -> ClientConnection:
         return ClientConnection(self.route, self.connections)
 

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
@@ -24,7 +24,8 @@ FORCED_EXIT = 130  # a second SIGINT, as a shell reports an interrupted program
 class Signals:
     """SIGTERM/SIGINT start the drain; a second SIGINT forces an immediate exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_stop: Callable[[], None]) -> None:
+        self._on_stop = on_stop  # runs inside the signal handler: /ready turns 503 at once
         self.stop = asyncio.Event()
         self.force = asyncio.Event()
         self.received_at = 0.0
@@ -45,17 +46,18 @@ class Signals:
             return
         log.info("received %s: draining", signal.Signals(signum).name)
         self.received_at = asyncio.get_running_loop().time()
+        self._on_stop()
         self.stop.set()
 
 
 async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     settings = config.proxy
-    signals = Signals()
+    proxy = Proxy(config)
+    signals = Signals(on_stop=proxy.start_draining)
     signals.install(loop)
     reaper = Reaper()
     reaper.install(loop)
-    proxy = Proxy(config)
     try:
         listener = await loop.create_server(
             proxy.connection, settings.host, settings.port, backlog=4096, reuse_address=True
@@ -127,7 +129,6 @@ async def _drain(
     settings = config.proxy
     deadline = signals.received_at + settings.shutdown_grace_seconds
     model.stopping = True  # an exit from now on is not restarted
-    proxy.draining = True
     proxy.last_request_at = max(proxy.last_request_at, signals.received_at)
     started = time.monotonic()
 

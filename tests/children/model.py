@@ -85,8 +85,12 @@ def make_handler(control: Path) -> type[BaseHTTPRequestHandler]:
 
 def exit_when_told(control: Path) -> None:
     file = control / f"exit-{os.getpid()}"
-    wait_for(file)
-    code = int(file.read_text())
+    while True:
+        try:
+            code = int(file.read_text())
+            break
+        except (FileNotFoundError, ValueError):  # not there yet, or not written yet
+            time.sleep(POLL_SECONDS)
     print(f"exiting with code {code}", flush=True)
     os._exit(code)
 
