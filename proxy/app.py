@@ -26,7 +26,7 @@ from .forward import ProxyExchange, UpstreamPool
 from .limiter import Limiter
 from .metrics import CONTENT_TYPE, Gauges, Metrics
 from .paths import RouteMap, split_target
-from .protocol import ClientConnection, Exchange, LocalExchange, RequestHead
+from .protocol import ClientConnection, ConnectionLimits, Exchange, LocalExchange, RequestHead
 from .websocket import Tunnel
 
 access_log = logging.getLogger("model_proxy.access")
@@ -62,8 +62,15 @@ class UpstreamState:
 class Proxy:
     """Everything a request needs, and the protocol factory for the listener."""
 
-    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        registry: CollectorRegistry | None = None,
+        *,
+        limits: ConnectionLimits | None = None,  # tests shorten them
+    ) -> None:
         self.config = config
+        self.limits = limits or ConnectionLimits()
         settings = config.proxy
         self.state = UpstreamState()
         self.routes = RouteMap(config.docker_server.predict_endpoint)
@@ -72,6 +79,7 @@ class Proxy:
             if settings.api_key_secret
             else None
         )
+        self._metrics_key = self._api_key is not None and settings.metrics_require_api_key
         self.limiter = Limiter(
             max_concurrency=config.predict_concurrency,
             max_queue=settings.max_queue_size,
@@ -102,7 +110,7 @@ class Proxy:
         self.draining = True
 
     def connection(self) -> ClientConnection:
-        return ClientConnection(self.route, self.connections)
+        return ClientConnection(self.route, self.connections, self.limits)
 
     # -- routing ----------------------------------------------------------------------
 
@@ -117,7 +125,7 @@ class Proxy:
         if mapped is None:
             return LocalExchange.error(conn, head, NotFound())
         route, target = mapped
-        self.last_request_at = asyncio.get_running_loop().time()
+        self.last_request_at = conn.loop.time()
         rejection = self._rejection(head)
         if rejection is not None:
             self._count_rejection(route, head, rejection)
@@ -162,6 +170,8 @@ class Proxy:
             headers = [(b"Content-Type", JSON), (b"Allow", b"GET, HEAD")]
             return LocalExchange(conn, head, error.status, headers, error.body())
         if path == b"/metrics":
+            if self._metrics_key and not self._authorized(head):
+                return LocalExchange.error(conn, head, Unauthorized())  # not counted
             return LocalExchange(
                 conn, head, 200, [(b"Content-Type", CONTENT_TYPE)], self.metrics.render()
             )
@@ -223,7 +233,7 @@ class Proxy:
     def _finished(self, exchange: ProxyExchange) -> None:
         if exchange.code != 101:
             self._http_done()
-        now = asyncio.get_running_loop().time()
+        now = exchange.conn.loop.time()
         self.metrics.request_finished(
             exchange.route,
             exchange.head.method.decode(),

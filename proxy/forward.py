@@ -15,6 +15,7 @@ import httptools
 from .errors import (
     PayloadTooLarge,
     ProxyError,
+    RequestTimeout,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -288,8 +289,7 @@ class ProxyExchange:
         self._request_timeout = request_timeout
         self._websocket = websocket
         self._on_upgrade = on_upgrade
-        loop = asyncio.get_running_loop()
-        self.arrived_at = loop.time()
+        self.arrived_at = conn.loop.time()
         self.admitted_at: float | None = None
         self.first_byte_at: float | None = None
         self.code = 0
@@ -378,6 +378,16 @@ class ProxyExchange:
         if not self._done:
             self._finish(499)
 
+    def request_timed_out(self) -> None:
+        """The client stopped sending the body: 408 if nothing was answered yet, and the
+        request to the model server is cancelled; the connection closes after this."""
+        if self._done:
+            return
+        if self._started:
+            self.fail(RequestTimeout("timed out reading the request body"))
+        else:
+            self._finish(408)
+
     def pause_output(self) -> None:
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
@@ -392,7 +402,7 @@ class ProxyExchange:
         self._cancel_timer()
         self._replay = None
         self.code = status
-        self.first_byte_at = asyncio.get_running_loop().time()
+        self.first_byte_at = self.conn.loop.time()
         scanned = scan_response_headers(headers, self.request_id)
         lines = [b"HTTP/1.1 %d %s" % (status, reason or REASONS.get(status, b""))]
         lines += scanned.lines
@@ -416,7 +426,7 @@ class ProxyExchange:
         self._cancel_timer()
         self._replay = None
         self.code = 101
-        self.first_byte_at = asyncio.get_running_loop().time()
+        self.first_byte_at = self.conn.loop.time()
         if not any(name.lower() == b"x-request-id" for name, _ in headers):
             headers = [*headers, (b"X-Request-ID", self.request_id)]  # returned, as for HTTP
         self._response_out.append(websocket_response_head(101, reason, headers))
@@ -501,10 +511,13 @@ class ProxyExchange:
             self._admission.release()
             return
         self._on_admitted()
+        self.flush()
 
     def _on_admitted(self) -> None:
+        """Take a connection; the caller flushes (start() runs inside a read event, whose
+        end flushes the head together with the body that came with it)."""
         self._admitted = True
-        self.admitted_at = asyncio.get_running_loop().time()
+        self.admitted_at = self.conn.loop.time()
         upstream = self._pool.take_idle()
         if upstream is not None:
             self._attach(upstream)
@@ -524,15 +537,14 @@ class ProxyExchange:
             upstream.close()
             return
         self._attach(upstream)
+        self.flush()
 
     def _attach(self, upstream: UpstreamConnection) -> None:
         self.upstream = upstream
         upstream.begin(self, no_body=self.head.method == b"HEAD")
         self._replay = [] if upstream.reused else None
         if self._request_timeout is not None and self._timer is None:  # a resent one keeps it
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self._request_timeout, self._timed_out)
-        self.flush()
+            self._timer = self.conn.loop.call_later(self._request_timeout, self._timed_out)
         self.conn.resume_reading()
 
     def _timed_out(self) -> None:
@@ -555,7 +567,7 @@ class ProxyExchange:
             self._pending = []
             return
         if self.first_byte_at is None:
-            self.first_byte_at = asyncio.get_running_loop().time()
+            self.first_byte_at = self.conn.loop.time()
             self.conn.respond(
                 error.status,
                 [*error_headers(error), (b"X-Request-ID", self.request_id)],

@@ -3,33 +3,43 @@ X-Request-ID set, and the body framing of each message read once."""
 
 from __future__ import annotations
 
-import os
+import random
 
 Headers = list[tuple[bytes, bytes]]
 
-# RFC 9110 §7.6.1, plus the framing headers the proxy writes itself
-_HOP_BY_HOP = frozenset(
+# what the proxy does with a request header, by lower-cased name (absent: pass it on)
+_REQUEST_ROLES = {
+    # RFC 9110 §7.6.1 hop-by-hop headers, and Expect, which the proxy answers itself
+    **dict.fromkeys((b"connection", b"keep-alive", b"te", b"trailer", b"expect"), "hop"),
+    b"upgrade": "upgrade",  # hop-by-hop too, but a WebSocket handshake keeps it
+    b"transfer-encoding": "chunked",
+    b"content-length": "length",
+    b"x-request-id": "request-id",
+    b"x-forwarded-for": "forwarded-for",
+    b"host": "host",
+    b"x-forwarded-proto": "forwarded-proto",
+    b"x-forwarded-host": "forwarded-host",
+}
+_RESPONSE_HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
-# re-written by the proxy on the way in
-_REPLACED_IN = frozenset({b"content-length", b"expect", b"x-request-id"})
 _WEBSOCKET_KEPT = frozenset({b"connection", b"upgrade"})
 
 
 def new_request_id() -> bytes:
-    return os.urandom(16).hex().encode()
+    # unique, not secret: Python's generator (seeded from urandom) spares a syscall a request
+    return b"%032x" % random.getrandbits(128)
 
 
-def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+def _connection_tokens(headers: Headers, lowered: list[bytes]) -> frozenset[bytes]:
+    """The header names a Connection header lists (hop-by-hop by that listing)."""
+    if b"connection" not in lowered:
+        return frozenset()
     tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
+    for (_, value), lower in zip(headers, lowered, strict=True):
+        if lower == b"connection":
             tokens.update(token.strip().lower() for token in value.split(b","))
     return frozenset(tokens)
-
-
-def _dropped(lower: bytes, named: frozenset[bytes]) -> bool:
-    return lower in _HOP_BY_HOP or lower in named or lower.startswith(b"proxy-")
 
 
 class RequestFraming:
@@ -53,54 +63,57 @@ def upstream_request_head(
 ) -> tuple[bytes, RequestFraming]:
     """The request head to send to the model server, and what the proxy learned of the
     body on the way. The body is always re-framed by the proxy."""
-    named = _connection_tokens(headers)
-    lines = [method + b" " + target + b" HTTP/1.1"]
-    request_id = b""
-    forwarded_for = b""
+    lowered = [name.lower() for name, _ in headers]
+    named = _connection_tokens(headers, lowered)
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    request_id = forwarded_for = b""
+    host: bytes | None = None
     content_length: int | None = None
-    chunked = False
-    has_host = has_proto = has_fwd_host = False
-    host = b""
-    for name, value in headers:
-        lower = name.lower()
-        if lower == b"transfer-encoding":
+    chunked = has_proto = has_forwarded_host = False
+    for (name, value), lower in zip(headers, lowered, strict=True):
+        role = _REQUEST_ROLES.get(lower)
+        # framing first: the proxy must know it whatever a Connection header names
+        if role == "chunked":
             chunked = value.strip().lower().endswith(b"chunked")
-        elif lower == b"content-length":
+            continue
+        if role == "length":
             content_length = int(value)  # llhttp has checked it is a number, and only one
-        elif websocket and lower in _WEBSOCKET_KEPT:
-            lines.append(name + b": " + value)
-        elif _dropped(lower, named):
-            pass  # before the headers the proxy reads: `Connection: X-Request-ID` drops it too
-        elif lower == b"x-request-id":
+            continue
+        if websocket and lower in _WEBSOCKET_KEPT:
+            parts += (name, b": ", value, b"\r\n")
+            continue
+        if role in ("hop", "upgrade") or lower in named or lower.startswith(b"proxy-"):
+            continue  # `Connection: X-Request-ID` drops that one too
+        if role == "request-id":
             request_id = value
-        elif lower == b"x-forwarded-for":
+            continue
+        if role == "forwarded-for":
             if value:  # an empty one adds no hop (nor an empty list element)
                 forwarded_for = forwarded_for + b", " + value if forwarded_for else value
-        elif lower in _REPLACED_IN:
-            pass
-        else:
-            if lower == b"host":
-                has_host, host = True, value
-            elif lower == b"x-forwarded-proto":
-                has_proto = True
-            elif lower == b"x-forwarded-host":
-                has_fwd_host = True
-            lines.append(name + b": " + value)
+            continue
+        if role == "host":
+            host = value
+        elif role == "forwarded-proto":
+            has_proto = True
+        elif role == "forwarded-host":
+            has_forwarded_host = True
+        parts += (name, b": ", value, b"\r\n")
     if not request_id:
         request_id = new_request_id()
     ip = client_ip.encode()
-    lines.append(b"X-Forwarded-For: " + (forwarded_for + b", " + ip if forwarded_for else ip))
+    parts += (b"X-Forwarded-For: ", forwarded_for + b", " + ip if forwarded_for else ip, b"\r\n")
     if not has_proto:
-        lines.append(b"X-Forwarded-Proto: http")
-    if has_host and not has_fwd_host:
-        lines.append(b"X-Forwarded-Host: " + host)
-    lines.append(b"X-Request-ID: " + request_id)
+        parts.append(b"X-Forwarded-Proto: http\r\n")
+    if host is not None and not has_forwarded_host:
+        parts += (b"X-Forwarded-Host: ", host, b"\r\n")
+    parts += (b"X-Request-ID: ", request_id, b"\r\n")
     if chunked:
-        lines.append(b"Transfer-Encoding: chunked")
+        parts.append(b"Transfer-Encoding: chunked\r\n")
     elif content_length is not None:
-        lines.append(b"Content-Length: %d" % content_length)
+        parts.append(b"Content-Length: %d\r\n" % content_length)
+    parts.append(b"\r\n")
     framing = RequestFraming(None if chunked else content_length, chunked, request_id)
-    return b"\r\n".join(lines) + b"\r\n\r\n", framing
+    return b"".join(parts), framing
 
 
 class ResponseFraming:
@@ -117,23 +130,19 @@ class ResponseFraming:
 def scan_response_headers(headers: Headers, request_id: bytes) -> ResponseFraming:
     """The end-to-end header lines to pass to the client (with X-Request-ID added when the
     model server did not echo one), and the response's body framing."""
-    named = _connection_tokens(headers)
+    lowered = [name.lower() for name, _ in headers]
+    named = _connection_tokens(headers, lowered)
     lines: list[bytes] = []
     content_length: int | None = None
     chunked = False
-    has_request_id = False
-    for name, value in headers:
-        lower = name.lower()
+    for (name, value), lower in zip(headers, lowered, strict=True):
         if lower == b"content-length":
             content_length = int(value)
         elif lower == b"transfer-encoding":
             chunked = value.strip().lower().endswith(b"chunked")
-        elif _dropped(lower, named):
-            pass
-        else:
-            has_request_id = has_request_id or lower == b"x-request-id"
+        elif not (lower in _RESPONSE_HOP_BY_HOP or lower in named or lower.startswith(b"proxy-")):
             lines.append(name + b": " + value)
-    if not has_request_id:
+    if b"x-request-id" not in lowered or b"x-request-id" in named:
         lines.append(b"X-Request-ID: " + request_id)
     return ResponseFraming(lines, None if chunked else content_length, chunked)
 
@@ -141,10 +150,12 @@ def scan_response_headers(headers: Headers, request_id: bytes) -> ResponseFramin
 def websocket_response_head(status: int, reason: bytes, headers: Headers) -> bytes:
     """A 101 answer passed back as the model server gave it, minus non-upgrade hop-by-hop
     headers (Sec-WebSocket-Accept/Protocol/Extensions pass untouched)."""
-    named = _connection_tokens(headers) - _WEBSOCKET_KEPT
+    lowered = [name.lower() for name, _ in headers]
+    named = _connection_tokens(headers, lowered) - _WEBSOCKET_KEPT
     lines = [b"HTTP/1.1 %d %s" % (status, reason)]
-    for name, value in headers:
-        lower = name.lower()
-        if lower in _WEBSOCKET_KEPT or not _dropped(lower, named):
+    for (name, value), lower in zip(headers, lowered, strict=True):
+        if lower in _WEBSOCKET_KEPT or not (
+            lower in _RESPONSE_HOP_BY_HOP or lower in named or lower.startswith(b"proxy-")
+        ):
             lines.append(name + b": " + value)
     return b"\r\n".join(lines) + b"\r\n\r\n"

@@ -11,25 +11,42 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Protocol, cast
 
 import httptools
 
-from .errors import BadRequest, HeadersTooLarge, ProxyError, UriTooLong
+from .errors import BadRequest, HeadersTooLarge, ProxyError, RequestTimeout, UriTooLong
 
 MAX_REQUEST_LINE = 8192
 MAX_HEADER_LINE = 8192
 MAX_HEADERS_TOTAL = 65536
 MAX_HEADER_COUNT = 128
-HEADER_TIMEOUT = 30.0  # a client must send a whole request head within this (slowloris)
-IDLE_TIMEOUT = 75.0  # a kept-alive connection with no request is closed after this
 LINGER_TIMEOUT = 2.0  # after an early response, how long an unread body is discarded
 PIPELINE_DEPTH = 8  # queued requests on one connection before reading pauses
 
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionLimits:
+    """How long a client may take, in seconds; past a limit its connection is closed.
+
+    The defaults follow nginx (client_header_timeout and client_body_timeout 60 s,
+    keepalive_timeout 75 s), the head's a little stricter: a head is a few hundred bytes.
+    """
+
+    # a whole request head, from its first byte (or from the connect, for the first
+    # request) to its end: a client trickling a head byte by byte (slowloris) is cut
+    header_timeout: float = 30.0
+    # the longest pause between two reads of a request body (not the whole body: an
+    # upload may take long); time the proxy itself stops reading (backpressure) is not counted
+    body_timeout: float = 60.0
+    # a kept-alive connection with no request in progress
+    idle_timeout: float = 75.0
 
 
 class RequestHead:
@@ -70,6 +87,7 @@ class Exchange(Protocol):
     def request_end(self) -> None: ...
     def flush(self) -> None: ...  # end of a read event: send what has gathered
     def client_lost(self) -> None: ...
+    def request_timed_out(self) -> None: ...  # its body stopped arriving
     def pause_output(self) -> None: ...  # the client reads slower than we write
     def resume_output(self) -> None: ...
 
@@ -98,9 +116,12 @@ def error_headers(error: ProxyError) -> Headers:
 class ClientConnection(asyncio.Protocol):
     """Parses requests off one client socket and serialises their exchanges."""
 
-    def __init__(self, router: Router, connections: set[ClientConnection]) -> None:
+    def __init__(
+        self, router: Router, connections: set[ClientConnection], limits: ConnectionLimits
+    ) -> None:
         self._router = router
         self._connections = connections
+        self._limits = limits
         self._parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
@@ -110,6 +131,8 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = 0  # bytes read while the current head is incomplete
         self._header_bytes = 0  # the current head's complete header lines
         self._in_head = False
+        self._in_body = False  # from the end of a head to the end of its body
+        self._last_read = 0.0  # loop time of the last read inside a body
         self._closing = False
         self._reading_paused = False
         self._lingering = False
@@ -120,6 +143,8 @@ class ClientConnection(asyncio.Protocol):
         self._body_only = False  # the parser reads a body whose head was already routed
         self._timer: asyncio.TimerHandle | None = None
         self._write_blocked = False
+        # kept: each asyncio.get_running_loop() costs a getpid() system call
+        self.loop = asyncio.get_running_loop()
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -128,7 +153,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
         self._connections.add(self)
-        self._arm_timer(IDLE_TIMEOUT)
+        self._arm_timer(self._limits.header_timeout)  # the first request's head, as nginx
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._connections.discard(self)
@@ -153,6 +178,11 @@ class ClientConnection(asyncio.Protocol):
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEADERS_TOTAL:
                 self._fail(HeadersTooLarge())
+        if self._in_body and not self._closing:
+            # one clock read per read event; the timer is only armed once per body
+            self._last_read = self.loop.time()
+            if self._timer is None:
+                self._arm_timer(self._limits.body_timeout)
         if self._exchanges:
             self._exchanges[0].flush()
             if len(self._exchanges) > 1:
@@ -214,7 +244,7 @@ class ClientConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._url = b""
         self._headers = []
-        self._arm_timer(HEADER_TIMEOUT)
+        self._arm_timer(self._limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         if self._body_only:
@@ -240,6 +270,7 @@ class ClientConnection(asyncio.Protocol):
         if self._body_only:
             return
         self._in_head = False
+        self._in_body = True
         self._cancel_timer()
         parser = self._parser
         head = RequestHead(
@@ -270,6 +301,10 @@ class ClientConnection(asyncio.Protocol):
         if self._upgrade_declined is not None:
             return  # the body, if any, is read after the upgrade pause
         self._body_only = False
+        if self._in_body:
+            self._in_body = False
+            if not self._lingering:
+                self._cancel_timer()
         if self._lingering:
             self.close()
         elif self._exchanges:
@@ -307,7 +342,7 @@ class ClientConnection(asyncio.Protocol):
             self._exchanges[0].start()
             self._exchanges[0].flush()
         else:
-            self._arm_timer(IDLE_TIMEOUT)
+            self._arm_timer(self._limits.idle_timeout)
         self.resume_reading()
 
     def pause_reading(self) -> None:
@@ -319,11 +354,14 @@ class ClientConnection(asyncio.Protocol):
         if self._reading_paused and self.transport is not None and not self._closing:
             self._reading_paused = False
             self.transport.resume_reading()
+            if self._in_body:  # the pause was the proxy's, not the client's
+                self._last_read = self.loop.time()
 
     def detach(self) -> asyncio.Transport:
         """Hand the socket to a tunnel (WebSocket): this connection stops parsing."""
         assert self.transport is not None
         self._cancel_timer()
+        self._in_body = False
         self._connections.discard(self)
         self._exchanges.clear()
         self._closing = True
@@ -372,8 +410,7 @@ class ClientConnection(asyncio.Protocol):
     def _arm_timer(self, seconds: float) -> None:
         self._cancel_timer()
         if self.transport is not None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(seconds, self._timed_out)
+            self._timer = self.loop.call_later(seconds, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -382,15 +419,31 @@ class ClientConnection(asyncio.Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
-        if self._lingering or not self._in_head:
+        if self._lingering:
             self.close()
+        elif self._in_head:
+            self._fail(RequestTimeout("timed out reading the request head"))
+        elif self._in_body and not self._closing:
+            self._body_timer_fired()
+        else:
+            self.close()  # idle
+
+    def _body_timer_fired(self) -> None:
+        now = self.loop.time()
+        if self._reading_paused:
+            self._last_read = now  # the proxy holds the body back: not the client's pause
+        waited = now - self._last_read
+        if waited < self._limits.body_timeout:
+            self._arm_timer(self._limits.body_timeout - waited)  # a read came since
             return
-        self.respond(
-            408,
-            [(b"Content-Type", b"application/json")],
-            BadRequest("timed out reading the request head").body(),
-            close=True,
-        )
+        # the body stopped arriving: the request it belongs to (the last one) answers 408
+        # if it can and cancels its upstream request; requests before it are cut
+        exchanges, self._exchanges = self._exchanges, deque()
+        if exchanges:
+            stalled = exchanges.pop()
+            for exchange in exchanges:
+                exchange.client_lost()
+            stalled.request_timed_out()
         self.close()
 
 
@@ -456,6 +509,9 @@ class LocalExchange:
 
     def client_lost(self) -> None:
         pass
+
+    def request_timed_out(self) -> None:
+        pass  # its answer is written already, or never will be: the connection closes
 
     def pause_output(self) -> None:
         pass
