@@ -4,6 +4,7 @@ Exception
 ├── ConfigError          a bad config.yaml; carries every problem found
 └── ProxyError           a request the proxy answers itself
     ├── BadRequest            400 bad_request
+    │   └── RequestTimeout    408 bad_request    (the head or body stopped arriving)
     ├── Unauthorized          401 unauthorized
     ├── NotFound              404 not_found
     ├── MethodNotAllowed      405 method_not_allowed
@@ -55,6 +56,12 @@ def error_body(kind: str, message: str) -> bytes:
 
 class BadRequest(ProxyError):
     status, kind, default_message = 400, "bad_request", "malformed HTTP request"
+
+
+class RequestTimeout(BadRequest):
+    """A client too slow to send its request (slowloris): a bad request, answered 408."""
+
+    status, default_message = 408, "timed out reading the request"
 
 
 class Unauthorized(ProxyError):
