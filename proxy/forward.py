@@ -25,7 +25,14 @@ from .headers import (
     upstream_request_head,
     websocket_response_head,
 )
-from .protocol import REASONS, ClientConnection, RequestHead, error_headers
+from .protocol import (
+    REASONS,
+    WRITE_HIGH_WATER,
+    WRITE_LOW_WATER,
+    ClientConnection,
+    RequestHead,
+    error_headers,
+)
 
 HIGH_WATER = 256 * 1024  # request bytes held while waiting for a slot or a connection
 REPLAY_LIMIT = 64 * 1024  # a request this small is resent once if a reused connection was stale
@@ -117,6 +124,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason = b""
         self._interim = False  # a 1xx answer; the real one follows
         self._lost = False
+        self._no_body = False
+        # a Content-Length body still to come: passed on as read, without llhttp, which
+        # would only copy it; the parser is replaced before the next response
+        self._body_left = 0
+        self._keep_alive = False
+        self._parser_spent = False
 
     @property
     def usable(self) -> bool:
@@ -124,9 +137,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def begin(self, exchange: ProxyExchange, *, no_body: bool) -> None:
         self.exchange = exchange
-        if no_body or self.reused:
-            # a fresh parser: llhttp cannot be told that a HEAD answer has no body
+        if self._parser_spent:
             self._parser = httptools.HttpResponseParser(self)
+            self._parser_spent = False
+        # llhttp cannot be told that a HEAD answer has no body: its parser is dropped after
         self._no_body = no_body
 
     def write(self, pieces: list[bytes]) -> None:
@@ -142,6 +156,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -155,6 +170,8 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange is None:
             self.close()  # nobody asked: a protocol error of the model server
             return
+        if self._body_left:
+            return self._pass_body(exchange, data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -165,7 +182,21 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             exchange.upstream_lost(self)
             return
+        if self._body_left:
+            self._parser_spent = True  # it stopped mid-body; the rest bypasses it
         exchange.flush_response()
+
+    def _pass_body(self, exchange: ProxyExchange, data: bytes) -> None:
+        if len(data) > self._body_left:
+            # more than the response announced: answer what was announced, drop the socket
+            data = data[: self._body_left]
+            self._keep_alive = False
+        self._body_left -= len(data)
+        exchange.response_body(data)
+        if self._body_left:
+            exchange.flush_response()
+        else:
+            self._message_done(keep_alive=self._keep_alive)
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
@@ -197,17 +228,24 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self._interim:
             return
-        self.exchange.response_head(status, self._reason, self._headers)
-        if self._no_body and self.exchange is not None:
-            self._message_done(keep_alive=self._parser.should_keep_alive())
+        length = self.exchange.response_head(status, self._reason, self._headers)
+        self._keep_alive = self._parser.should_keep_alive()
+        if self._no_body:
+            self._parser_spent = True
+            self._message_done(keep_alive=self._keep_alive)
+        else:
+            self._body_left = length or 0
 
     def on_body(self, body: bytes) -> None:
+        if self._body_left:  # a Content-Length body (chunked ones are not counted)
+            self._body_left -= len(body)
         if self.exchange is not None:
             self.exchange.response_body(body)
 
     def on_message_complete(self) -> None:
         if self._interim or self._no_body:
             return
+        self._body_left = 0
         self._message_done(keep_alive=self._parser.should_keep_alive())
 
     def _message_done(self, *, keep_alive: bool) -> None:
@@ -398,7 +436,8 @@ class ProxyExchange:
 
     # -- driven by the upstream connection --------------------------------------------
 
-    def response_head(self, status: int, reason: bytes, headers: Headers) -> None:
+    def response_head(self, status: int, reason: bytes, headers: Headers) -> int | None:
+        """Queue the client's response head; the length of a body to pass on as it is."""
         self._cancel_timer()
         self._replay = None
         self.code = status
@@ -421,6 +460,7 @@ class ProxyExchange:
         if not self.head.keep_alive:
             lines.append(b"Connection: close")
         self._response_out.append(b"\r\n".join(lines) + b"\r\n\r\n")
+        return None if no_body else scanned.content_length
 
     def switching_protocols(self, reason: bytes, headers: Headers) -> None:
         self._cancel_timer()

@@ -26,6 +26,11 @@ MAX_HEADER_COUNT = 128
 LINGER_TIMEOUT = 2.0  # after an early response, how long an unread body is discarded
 PIPELINE_DEPTH = 8  # queued requests on one connection before reading pauses
 
+# write buffer limits of every socket: large enough that a fast stream is not paused and
+# resumed every 64 KiB (uvloop's default), small enough to bound memory per connection
+WRITE_HIGH_WATER = 1024 * 1024
+WRITE_LOW_WATER = 256 * 1024
+
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 Headers = list[tuple[bytes, bytes]]
@@ -128,6 +133,7 @@ class ClientConnection(asyncio.Protocol):
         self._exchanges: deque[Exchange] = deque()
         self._url = b""
         self._headers: Headers = []
+        self._transfer_encoding: bytes | None = None  # the current head's last one
         self._head_bytes = 0  # bytes read while the current head is incomplete
         self._header_bytes = 0  # the current head's complete header lines
         self._in_head = False
@@ -150,6 +156,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
         self._connections.add(self)
@@ -244,6 +251,7 @@ class ClientConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._url = b""
         self._headers = []
+        self._transfer_encoding = None
         self._arm_timer(self._limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
@@ -264,11 +272,17 @@ class ClientConnection(asyncio.Protocol):
             or len(self._headers) >= MAX_HEADER_COUNT
         ):
             raise HeadersTooLarge()
+        if len(name) == 17 and name.lower() == b"transfer-encoding":
+            self._transfer_encoding = value
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self._body_only:
             return
+        if self._transfer_encoding is not None and not _chunked(self._transfer_encoding):
+            # llhttp refuses it too, but only after this callback, once the request has
+            # been routed: refused here, it is answered 400 and nothing is forwarded
+            raise BadRequest("a request's Transfer-Encoding must end with chunked")
         self._in_head = False
         self._in_body = True
         self._cancel_timer()
@@ -452,6 +466,12 @@ def _tunnels(head: RequestHead) -> bool:
     CONNECT, which is refused, and the connection closed)."""
     upgrade = head.header(b"upgrade") or b""
     return head.method == b"CONNECT" or upgrade.strip().lower() == b"websocket"
+
+
+def _chunked(transfer_encoding: bytes) -> bool:
+    """Whether the last coding is chunked, as llhttp reads it (RFC 9112 §6.3: a request
+    body whose last coding is not chunked has no reliable length)."""
+    return transfer_encoding.rpartition(b",")[2].strip(b" \t").lower() == b"chunked"
 
 
 def _body_framing(head: RequestHead) -> bytes:
