@@ -36,7 +36,10 @@ class Cell:
     delivered: float | None
     batched: float | None
     errors: int
-    foreign_cpu1: float | None  # share of CPU 1 used by other work during the runs
+    # shares of CPU 0 (load generator) and CPU 1 (target, backend) that other work on the
+    # machine took during the runs: noise
+    foreign_cpu0: float | None
+    foreign_cpu1: float | None
     loadgen_busy: float | None  # share of CPU 0 the load generator used: near 1, it is the limit
 
 
@@ -71,6 +74,7 @@ def aggregate(runs: Sequence[Run]) -> dict[str, dict[str, Cell]]:
             delivered=_median([m.delivered for m in ms]),
             batched=_median([m.batched for m in ms]),
             errors=sum(m.errors for m in ms),
+            foreign_cpu0=_median([(r.foreign_cpu or {}).get(0) for r in group]),
             foreign_cpu1=_median([(r.foreign_cpu or {}).get(1) for r in group]),
             loadgen_busy=_median([r.loadgen_cpu_s / r.wall_s for r in good if r.wall_s]),
         )

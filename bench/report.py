@@ -17,6 +17,15 @@ from .scenarios import BY_NAME, Scenario
 from .targets import REFERENCE
 
 LOADGEN_BOUND = 0.85  # the load generator used this much of its CPU: it may be the limit
+# Other work on the machine makes a row noisy when it takes this much of CPU 1 (the
+# target's and the backend's), or when with the load generator it fills CPU 0.
+NOISY_CPU1 = 0.15
+NOISY_CPU0 = 0.9
+
+
+def _noisy(cell: Cell) -> bool:
+    cpu0 = (cell.foreign_cpu0 or 0.0) + (cell.loadgen_busy or 0.0)
+    return (cell.foreign_cpu1 or 0.0) > NOISY_CPU1 or cpu0 > NOISY_CPU0
 
 
 def _num(value: float | None, fmt: str = "{:.2f}") -> str:
@@ -42,6 +51,9 @@ def _row(scenario: Scenario, target: str, cell: Cell, ref: Cell | None, direct: 
         notes.append(f"{cell.errors} errors")
     if cell.failed:
         notes.append(f"{cell.failed} of {cell.runs} runs failed")
+    if _noisy(cell):
+        others = f"CPU 0 {cell.foreign_cpu0 or 0:.0%}, CPU 1 {cell.foreign_cpu1 or 0:.0%}"
+        notes.append(f"*noisy* (others took {others})")
     if cell.loadgen_busy is not None and cell.loadgen_busy >= LOADGEN_BOUND:
         notes.append(f"load generator at {cell.loadgen_busy:.0%} CPU")
     cpu_unit = "µs/" + scenario.unit
@@ -67,12 +79,19 @@ def markdown(results: Results, cells: dict[str, dict[str, Cell]], found: list[Ch
         f"target and backend on CPU 1. Whole run: {meta['runtime_s']:.0f} s"
         + (" (`--quick`)." if meta["quick"] else "."),
     ]
-    noise = [r.foreign_cpu.get(1, 0.0) for r in results.runs if r.foreign_cpu]
-    if noise:
+    noise = {
+        cpu: [r.foreign_cpu.get(cpu, 0.0) for r in results.runs if r.foreign_cpu] for cpu in (0, 1)
+    }
+    if noise[0] and noise[1]:
+        shares = " and ".join(
+            f"{statistics.median(noise[cpu]):.0%} of CPU {cpu} ({max(noise[cpu]):.0%} at worst)"
+            for cpu in (0, 1)
+        )
         lines += [
             "",
-            f"Other work on the machine took {statistics.median(noise):.0%} of CPU 1 during "
-            f"the median run ({max(noise):.0%} at worst): figures from a busy machine are noisy.",
+            f"Other work on the machine took {shares} during the median run. Rows where it "
+            f"took more than {NOISY_CPU1:.0%} of CPU 1, or left the load generator less than "
+            f"{1 - NOISY_CPU0:.0%} of CPU 0 to spare, are marked *noisy*: compare them with care.",
         ]
     lines += ["", "## Issue 5 targets (model-proxy)", "", "| target | measured | met |",
               "| --- | --- | --- |"]  # fmt: skip
