@@ -114,6 +114,7 @@ def model_proxy_config(
             "drain_quiet_seconds": 0,
             "shutdown_grace_seconds": 2,
             "child_stop_grace_seconds": 1,
+            "access_log": False,  # as the nginx configs: access_log off
         },
     }
     path = directory / f"{name}.yaml"

@@ -62,15 +62,9 @@ class UpstreamState:
 class Proxy:
     """Everything a request needs, and the protocol factory for the listener."""
 
-    def __init__(
-        self,
-        config: Config,
-        registry: CollectorRegistry | None = None,
-        *,
-        limits: ConnectionLimits | None = None,  # tests shorten them
-    ) -> None:
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
         self.config = config
-        self.limits = limits or ConnectionLimits()
+        self.limits = ConnectionLimits()  # for each new client connection; tests shorten them
         settings = config.proxy
         self.state = UpstreamState()
         self.routes = RouteMap(config.docker_server.predict_endpoint)
@@ -79,6 +73,7 @@ class Proxy:
             if settings.api_key_secret
             else None
         )
+        self._access_log = settings.access_log
         self._metrics_key = self._api_key is not None and settings.metrics_require_api_key
         self.limiter = Limiter(
             max_concurrency=config.predict_concurrency,
@@ -233,32 +228,69 @@ class Proxy:
     def _finished(self, exchange: ProxyExchange) -> None:
         if exchange.code != 101:
             self._http_done()
-        now = exchange.conn.loop.time()
-        self.metrics.request_finished(
+        arrived = exchange.arrived_at
+        self._record(
             exchange.route,
-            exchange.head.method.decode(),
+            exchange.head,
             exchange.code,
-            duration=now - exchange.arrived_at,
-            time_to_first_byte=(
-                exchange.first_byte_at - exchange.arrived_at
-                if exchange.first_byte_at is not None
-                else None
-            ),
-            queue_wait=(
-                exchange.admitted_at - exchange.arrived_at
-                if exchange.admitted_at is not None
-                else None
-            ),
+            request_id=exchange.request_id,
+            duration=time.monotonic() - arrived,
+            first_byte=None if exchange.first_byte_at is None else exchange.first_byte_at - arrived,
+            queue_wait=None if exchange.admitted_at is None else exchange.admitted_at - arrived,
             rejected=exchange.error_kind if exchange.code in (413, 503) else None,
         )
 
     def _count_rejection(self, route: str, head: RequestHead, error: ProxyError) -> None:
-        self.metrics.request_finished(
+        self._record(
             route,
-            head.method.decode(),
+            head,
             error.status,
+            request_id=head.header(b"x-request-id") or b"-",
             duration=0.0,
-            time_to_first_byte=0.0,
+            first_byte=0.0,
             queue_wait=None,
             rejected=error.kind,
         )
+
+    def _record(
+        self,
+        route: str,
+        head: RequestHead,
+        code: int,
+        *,
+        request_id: bytes,
+        duration: float,
+        first_byte: float | None,
+        queue_wait: float | None,
+        rejected: str | None,
+    ) -> None:
+        """Count a finished request, and write its access log line."""
+        method = head.method.decode()
+        self.metrics.request_finished(
+            route,
+            method,
+            code,
+            duration=duration,
+            time_to_first_byte=first_byte,
+            queue_wait=queue_wait,
+            rejected=rejected,
+        )
+        if not self._access_log:
+            return
+        path = head.target.partition(b"?")[0].decode("latin-1")  # a query may hold secrets
+        duration_ms = round(duration * 1000, 3)
+        first_byte_ms = None if first_byte is None else round(first_byte * 1000, 3)
+        access_log.info(
+            '%s "%s %s" %d %.1fms id=%s',
+            head.client_ip, method, path, code, duration_ms, request_id.decode("latin-1"),
+            extra={
+                "request_id": request_id.decode("latin-1"),
+                "client": head.client_ip,
+                "route": route,
+                "method": method,
+                "path": path,
+                "status": code,
+                "duration_ms": duration_ms,
+                "ttfb_ms": first_byte_ms,
+            },
+        )  # fmt: skip

@@ -64,7 +64,9 @@ class ProxySettings:
     restart_policy: RestartPolicy = "always"
     secrets_dir: Path = Path("/secrets")
     api_key_secret: str | None = None
+    metrics_require_api_key: bool = False  # /metrics needs the API key too
     log_format: LogFormat = "text"
+    access_log: bool = True  # one line per proxied request
     presets_file: Path | None = None  # a registry of the user's own server presets
 
 
@@ -274,6 +276,11 @@ def _proxy_settings(
     if api_key_secret and not _is_file_name(api_key_secret):
         section.fail("api_key_secret", _NAME_RULE, api_key_secret)
         api_key_secret = None
+    metrics_require_api_key = section.boolean(
+        "metrics_require_api_key", default.metrics_require_api_key
+    )
+    if metrics_require_api_key and not section.data.get("api_key_secret"):
+        section.fail("metrics_require_api_key", "needs proxy.api_key_secret set", True)
     return ProxySettings(
         host=section.text("host", nonempty=True) or default.host,
         port=section.integer("port", default.port, low=1, high=65535),
@@ -296,7 +303,9 @@ def _proxy_settings(
         restart_policy=section.choice("restart_policy", _RESTART_POLICIES, default.restart_policy),
         secrets_dir=Path(section.text("secrets_dir", nonempty=True) or default.secrets_dir),
         api_key_secret=api_key_secret,
+        metrics_require_api_key=metrics_require_api_key,
         log_format=section.choice("log_format", _LOG_FORMATS, default.log_format),
+        access_log=section.boolean("access_log", default.access_log),
         presets_file=presets_file,
     )
 
@@ -473,6 +482,15 @@ class _Section:
         if _is_number(value) and value >= 0:
             return float(value)
         self.fail(key, "must be a number of seconds >= 0", value)
+        return default
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            return value
+        self.fail(key, "must be true or false", value)
         return default
 
     def timeout(self, key: str) -> float | None:

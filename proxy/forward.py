@@ -8,6 +8,7 @@ body chunks are passed on as they are (only re-framed), never copied into a whol
 from __future__ import annotations
 
 import asyncio
+from time import monotonic
 from typing import Protocol, cast
 
 import httptools
@@ -327,7 +328,7 @@ class ProxyExchange:
         self._request_timeout = request_timeout
         self._websocket = websocket
         self._on_upgrade = on_upgrade
-        self.arrived_at = conn.loop.time()
+        self.arrived_at = monotonic()  # not loop.time(): uvloop's has millisecond steps
         self.admitted_at: float | None = None
         self.first_byte_at: float | None = None
         self.code = 0
@@ -441,7 +442,7 @@ class ProxyExchange:
         self._cancel_timer()
         self._replay = None
         self.code = status
-        self.first_byte_at = self.conn.loop.time()
+        self.first_byte_at = monotonic()
         scanned = scan_response_headers(headers, self.request_id)
         lines = [b"HTTP/1.1 %d %s" % (status, reason or REASONS.get(status, b""))]
         lines += scanned.lines
@@ -466,7 +467,7 @@ class ProxyExchange:
         self._cancel_timer()
         self._replay = None
         self.code = 101
-        self.first_byte_at = self.conn.loop.time()
+        self.first_byte_at = monotonic()
         if not any(name.lower() == b"x-request-id" for name, _ in headers):
             headers = [*headers, (b"X-Request-ID", self.request_id)]  # returned, as for HTTP
         self._response_out.append(websocket_response_head(101, reason, headers))
@@ -557,7 +558,7 @@ class ProxyExchange:
         """Take a connection; the caller flushes (start() runs inside a read event, whose
         end flushes the head together with the body that came with it)."""
         self._admitted = True
-        self.admitted_at = self.conn.loop.time()
+        self.admitted_at = monotonic()
         upstream = self._pool.take_idle()
         if upstream is not None:
             self._attach(upstream)
@@ -607,7 +608,7 @@ class ProxyExchange:
             self._pending = []
             return
         if self.first_byte_at is None:
-            self.first_byte_at = self.conn.loop.time()
+            self.first_byte_at = monotonic()
             self.conn.respond(
                 error.status,
                 [*error_headers(error), (b"X-Request-ID", self.request_id)],
