@@ -31,6 +31,7 @@ PIPELINE_DEPTH = 8  # queued requests on one connection before reading pauses
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
 
+_VERSIONS = frozenset({"1.0", "1.1"})
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 Headers = list[tuple[bytes, bytes]]
@@ -142,12 +143,15 @@ class ClientConnection(asyncio.Protocol):
         self._closing = False
         self._reading_paused = False
         self._lingering = False
+        self._dropping = False  # answered an error: what still arrives is dropped unread
         self._upgraded = False
         # an Upgrade the proxy does not take (h2c...): the synthetic head that lets a fresh
         # parser read the body llhttp skipped (b"": no body), then HTTP/1.1 goes on
         self._upgrade_declined: bytes | None = None
         self._body_only = False  # the parser reads a body whose head was already routed
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when the loop's timer wakes
+        self._deadline: float | None = None  # when the connection times out
         self._write_blocked = False
         # kept: each asyncio.get_running_loop() costs a getpid() system call
         self.loop = asyncio.get_running_loop()
@@ -165,12 +169,14 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._connections.discard(self)
         self._closing = True
-        self._cancel_timer()
+        self._stop_timer()
         exchanges, self._exchanges = self._exchanges, deque()
         for exchange in exchanges:
             exchange.client_lost()
 
     def data_received(self, data: bytes) -> None:
+        if self._dropping:
+            return None
         if self._lingering:
             return self._discard(data)
         if self._upgraded:
@@ -188,7 +194,7 @@ class ClientConnection(asyncio.Protocol):
         if self._in_body and not self._closing:
             # one clock read per read event; the timer is only armed once per body
             self._last_read = self.loop.time()
-            if self._timer is None:
+            if self._deadline is None:
                 self._arm_timer(self._limits.body_timeout)
         if self._exchanges:
             self._exchanges[0].flush()
@@ -283,14 +289,19 @@ class ClientConnection(asyncio.Protocol):
             # llhttp refuses it too, but only after this callback, once the request has
             # been routed: refused here, it is answered 400 and nothing is forwarded
             raise BadRequest("a request's Transfer-Encoding must end with chunked")
+        parser = self._parser
+        version = parser.get_http_version()
+        if version not in _VERSIONS:
+            # HTTP/0.9 has no headers: "GET /x\nY: z HTTP/1.1" would reach the model
+            # server as a header smuggled through the request line
+            raise BadRequest(f"HTTP/{version} is not supported: use HTTP/1.1")
         self._in_head = False
         self._in_body = True
         self._cancel_timer()
-        parser = self._parser
         head = RequestHead(
             parser.get_method(),
             self._url,
-            parser.get_http_version(),
+            version,
             self._headers,
             parser.should_keep_alive(),
             parser.should_upgrade(),
@@ -374,7 +385,7 @@ class ClientConnection(asyncio.Protocol):
     def detach(self) -> asyncio.Transport:
         """Hand the socket to a tunnel (WebSocket): this connection stops parsing."""
         assert self.transport is not None
-        self._cancel_timer()
+        self._stop_timer()
         self._in_body = False
         self._connections.discard(self)
         self._exchanges.clear()
@@ -406,7 +417,20 @@ class ClientConnection(asyncio.Protocol):
             self.abort()
             return
         self.respond(error.status, error_headers(error), error.body(), close=True)
-        self.close()
+        self._close_after_answer()
+
+    def _close_after_answer(self) -> None:
+        """Half-close, drop what the client still sends for a moment, then close (nginx's
+        lingering close): closing at once while its bytes arrive would reset the
+        connection, and a reset can destroy the answer before the client reads it."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            self.close()
+            return
+        transport.write_eof()
+        self._dropping = True
+        self.resume_reading()
+        self._arm_timer(LINGER_TIMEOUT)
 
     def _linger(self) -> None:
         """Answered before the body ended: drop the rest of it briefly so the client
@@ -422,18 +446,44 @@ class ClientConnection(asyncio.Protocol):
             self.close()
 
     def _arm_timer(self, seconds: float) -> None:
-        self._cancel_timer()
-        if self.transport is not None:
-            self._timer = self.loop.call_later(seconds, self._timed_out)
+        """Time the connection out `seconds` from now. The deadline moves with every
+        request, so the loop's timer is only replaced when the new deadline comes before
+        it; otherwise it wakes, finds the deadline moved, and sleeps again (two timers a
+        request cost more than the rest of the connection's bookkeeping)."""
+        if self.transport is None:
+            return
+        deadline = self.loop.time() + seconds
+        self._deadline = deadline
+        if self._timer is None or self._timer_at > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
 
     def _cancel_timer(self) -> None:
+        self._deadline = None  # the loop's timer, if any, wakes to nothing
+
+    def _stop_timer(self) -> None:
+        """For good: the connection is gone or handed over."""
+        self._deadline = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _timed_out(self) -> None:
+    def _on_timer(self) -> None:
         self._timer = None
-        if self._lingering:
+        deadline = self._deadline
+        if deadline is None:
+            return
+        if deadline > self.loop.time():
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
+            return
+        self._deadline = None
+        self._timed_out()
+
+    def _timed_out(self) -> None:
+        if self._lingering or self._dropping:
             self.close()
         elif self._in_head:
             self._fail(RequestTimeout("timed out reading the request head"))
