@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import uvloop
 import yaml
@@ -39,6 +40,20 @@ def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     return {"uvloop": uvloop.new_event_loop}  # the loop production runs on
+
+
+@pytest.fixture
+def control(tmp_path: Path) -> Path:
+    """The directory through which a test drives its child model server."""
+    directory = tmp_path / "control"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
 
 
 def free_port() -> int:
@@ -108,8 +123,7 @@ async def fake_upstream(app: web.Application, **options: Any) -> AsyncIterator[i
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    assert site._server is not None
-    port: int = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port: int = runner.addresses[0][1]
     try:
         yield port
     finally:

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -33,20 +32,6 @@ from .conftest import (
 FAST_PROBES = {"probe_interval_seconds": 0.05}
 STARTED = r"started the model server \(pid (\d+)\)"
 READY = r"the model server is ready after (\d+\.\d+) s"
-
-
-@pytest.fixture
-def control(tmp_path: Path) -> Path:
-    """The directory through which the test drives the child."""
-    directory = tmp_path / "control"
-    directory.mkdir()
-    return directory
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def started_pid(proxy: RunningProxy, after: int = 0) -> int:

@@ -4,7 +4,7 @@ fake clock (they run in microseconds, nothing waits for real time to pass)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 
 import aiohttp
 import pytest
@@ -15,12 +15,6 @@ from proxy.probes import probe_http, probe_tcp, wait_until_ready, watch
 from .conftest import fake_upstream, free_port
 
 SAFETY = 5  # seconds; a safety net only
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def status_app(status: int) -> web.Application:

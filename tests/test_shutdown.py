@@ -7,7 +7,6 @@ import asyncio
 import json
 import re
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -17,20 +16,6 @@ from .children import SAFETY, fetch, model_config
 from .conftest import RunningProxy, group_pids, process_alive, run_proxy, write_config
 
 HOLD = r"\[model-server stdout\] holding {}$"
-
-
-@pytest.fixture
-def control(tmp_path: Path) -> Path:
-    """The directory through which the test drives the child."""
-    directory = tmp_path / "control"
-    directory.mkdir()
-    return directory
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:

@@ -4,7 +4,6 @@ gets a cut stream or a 502 at once, never a hang, and the child is restarted and
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -12,19 +11,6 @@ import pytest
 
 from ..conftest import run_proxy
 from . import READY, SAFETY, STARTED, fault_config, pid_in, samples
-
-
-@pytest.fixture
-def control(tmp_path: Path) -> Path:
-    directory = tmp_path / "control"
-    directory.mkdir()
-    return directory
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def read_lines(response: aiohttp.ClientResponse, lines: list[bytes]) -> None:

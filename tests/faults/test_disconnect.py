@@ -9,27 +9,12 @@ test_a_client_that_leaves_cancels_the_upstream_request and _mid_stream_cancels_t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from ..conftest import RunningProxy, run_proxy, write_config
 from . import SAFETY, fault_config, samples
-
-
-@pytest.fixture
-def control(tmp_path: Path) -> Path:
-    directory = tmp_path / "control"
-    directory.mkdir()
-    return directory
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def assert_slot_free_and_499(

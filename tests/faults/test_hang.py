@@ -5,27 +5,12 @@ after the stop-traffic threshold (and comes back when they pass again)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from ..conftest import run_proxy
 from . import SAFETY, fault_config, samples
-
-
-@pytest.fixture
-def control(tmp_path: Path) -> Path:
-    directory = tmp_path / "control"
-    directory.mkdir()
-    return directory
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def test_a_request_the_child_never_answers_is_504(
