@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -79,7 +80,7 @@ class ModelServer:
             ever_ready = reason == "ready"
             if ever_ready:
                 backoff.reset()
-                took = asyncio.get_running_loop().time() - child.started_at
+                took = time.monotonic() - child.started_at  # started_at is monotonic too
                 log.info("the model server is ready after %.2f s", took)
                 self._on_phase("ready", child.pid)
                 reason = await self._while_running(child)

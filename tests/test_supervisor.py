@@ -176,7 +176,8 @@ async def test_stop_kills_a_child_that_ignores_sigterm_after_the_grace(start: St
         await output.wait_for("ready")
         began = time.monotonic()
         await child.stop(grace=0.3)
-    assert time.monotonic() - began >= 0.3
+    # it outlived its SIGTERM for the grace (less a loop tick: timers may fire a little early)
+    assert time.monotonic() - began >= 0.25
     assert child.exit_code == -signal.SIGKILL
     assert_group_gone(child.pid)
 
@@ -189,7 +190,7 @@ async def test_stop_waits_for_a_straggler_after_the_shell_exited(start: Start) -
         began = time.monotonic()
         await child.stop(grace=0.3)
     assert child.exit_code == -signal.SIGTERM  # the shell went at once, the sleep did not
-    assert time.monotonic() - began >= 0.3
+    assert time.monotonic() - began >= 0.25  # the grace, less a loop tick
     assert_group_gone(child.pid)
     assert still_listed(members) == set()
 
