@@ -151,6 +151,10 @@ class ClientConnection(asyncio.Protocol):
         self._body_only = False  # the parser reads a body whose head was already routed
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # when the loop's timer wakes
+        # a Content-Length body still to come: after the read its head arrived in, it
+        # bypasses llhttp (which only copies it), and a fresh parser takes what follows
+        self._body_left = 0
+        self._content_length: bytes | None = None
         self._deadline: float | None = None  # when the connection times out
         self._write_blocked = False
         # kept: each asyncio.get_running_loop() costs a getpid() system call
@@ -185,7 +189,9 @@ class ClientConnection(asyncio.Protocol):
                 self._exchanges[-1].request_body(data)
                 self._exchanges[-1].flush()
             return None
-        if self._feed(data) and self._in_head:
+        if self._body_left:
+            data = self._pass_body(data)
+        if data and self._feed(data) and self._in_head:
             # the read ends inside a head, which httptools holds until it is complete
             # (counted after parsing: a head that began in this read counts too)
             self._head_bytes += len(data)
@@ -258,6 +264,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._transfer_encoding = None
+        self._content_length = None
         self._arm_timer(self._limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
@@ -280,6 +287,8 @@ class ClientConnection(asyncio.Protocol):
             raise HeadersTooLarge()
         if len(name) == 17 and name.lower() == b"transfer-encoding":
             self._transfer_encoding = value
+        elif len(name) == 14 and name.lower() == b"content-length":
+            self._content_length = value
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -311,6 +320,8 @@ class ClientConnection(asyncio.Protocol):
             # RFC 9110 §7.8: an Upgrade may be ignored. llhttp would hand every byte after
             # this head (its body, the next requests) to a tunnel; keep parsing them as HTTP
             self._upgrade_declined = _body_framing(head)
+        if self._content_length is not None and not head.upgrade:
+            self._body_left = int(self._content_length)  # llhttp checked it is one number
         exchange = self._router(head, self)
         self._exchanges.append(exchange)
         if len(self._exchanges) == 1:
@@ -319,12 +330,15 @@ class ClientConnection(asyncio.Protocol):
             self.pause_reading()
 
     def on_body(self, body: bytes) -> None:
+        if self._body_left:
+            self._body_left -= len(body)
         if self._exchanges and not self._lingering:
             self._exchanges[-1].request_body(body)
 
     def on_message_complete(self) -> None:
         if self._upgrade_declined is not None:
             return  # the body, if any, is read after the upgrade pause
+        self._body_left = 0
         self._body_only = False
         if self._in_body:
             self._in_body = False
@@ -439,7 +453,22 @@ class ClientConnection(asyncio.Protocol):
         self.resume_reading()
         self._arm_timer(LINGER_TIMEOUT)
 
+    def _pass_body(self, data: bytes) -> bytes:
+        """The rest of a Content-Length body, passed on without llhttp, which would only
+        copy it; returns what follows the body (a pipelined request)."""
+        body, rest = data[: self._body_left], data[self._body_left :]
+        self.on_body(body)
+        if not self._body_left:
+            self._parser = httptools.HttpRequestParser(self)  # the old one stopped mid-body
+            self.on_message_complete()
+        return rest
+
     def _discard(self, data: bytes) -> None:
+        if self._body_left:  # a body that bypasses the parser: only its length matters
+            self._body_left -= min(len(data), self._body_left)
+            if not self._body_left:
+                self.close()
+            return
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, ProxyError):
