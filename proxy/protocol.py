@@ -156,7 +156,6 @@ class ClientConnection(asyncio.Protocol):
         self._body_left = 0
         self._content_length: bytes | None = None
         self._deadline: float | None = None  # when the connection times out
-        self._write_blocked = False
         # kept: each asyncio.get_running_loop() costs a getpid() system call
         self.loop = asyncio.get_running_loop()
 
@@ -244,12 +243,10 @@ class ClientConnection(asyncio.Protocol):
         return None
 
     def pause_writing(self) -> None:
-        self._write_blocked = True
         if self._exchanges:
             self._exchanges[0].pause_output()
 
     def resume_writing(self) -> None:
-        self._write_blocked = False
         if self._exchanges:
             self._exchanges[0].resume_output()
 
@@ -350,10 +347,6 @@ class ClientConnection(asyncio.Protocol):
             self._exchanges[-1].request_end()
 
     # -- used by exchanges ------------------------------------------------------------
-
-    @property
-    def write_blocked(self) -> bool:
-        return self._write_blocked
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self._closing:
