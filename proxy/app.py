@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 
@@ -24,12 +23,11 @@ from .errors import (
 )
 from .forward import ProxyExchange, UpstreamPool
 from .limiter import Limiter
+from .logs import AccessLog
 from .metrics import CONTENT_TYPE, Gauges, Metrics
 from .paths import RouteMap, split_target
 from .protocol import ClientConnection, ConnectionLimits, Exchange, LocalExchange, RequestHead
 from .websocket import Tunnel
-
-access_log = logging.getLogger("model_proxy.access")
 
 JSON = b"application/json"
 ADMIN_PATHS = (b"/health", b"/ready", b"/metrics")
@@ -73,7 +71,7 @@ class Proxy:
             if settings.api_key_secret
             else None
         )
-        self._access_log = settings.access_log
+        self.access_log = AccessLog(settings.log_format) if settings.access_log else None
         self._metrics_key = self._api_key is not None and settings.metrics_require_api_key
         self.limiter = Limiter(
             max_concurrency=config.predict_concurrency,
@@ -275,15 +273,15 @@ class Proxy:
             queue_wait=queue_wait,
             rejected=rejected,
         )
-        if not self._access_log:
+        if self.access_log is None:
             return
         path = head.target.partition(b"?")[0].decode("latin-1")  # a query may hold secrets
         duration_ms = round(duration * 1000, 3)
         first_byte_ms = None if first_byte is None else round(first_byte * 1000, 3)
-        access_log.info(
+        self.access_log.add(
             '%s "%s %s" %d %.1fms id=%s',
-            head.client_ip, method, path, code, duration_ms, request_id.decode("latin-1"),
-            extra={
+            (head.client_ip, method, path, code, duration_ms, request_id.decode("latin-1")),
+            {
                 "request_id": request_id.decode("latin-1"),
                 "client": head.client_ip,
                 "route": route,
@@ -293,4 +291,4 @@ class Proxy:
                 "duration_ms": duration_ms,
                 "ttfb_ms": first_byte_ms,
             },
-        )  # fmt: skip
+        )

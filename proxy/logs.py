@@ -3,6 +3,7 @@ never blocks the event loop; the model server's lines are tagged as its own."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import logging.handlers
@@ -17,6 +18,8 @@ _BUILTIN = frozenset(vars(logging.makeLogRecord({})))
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "preformatted", False):
+            return record.getMessage()
         entry: dict[str, object] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
@@ -35,10 +38,58 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "preformatted", False):
+            return record.getMessage()
         if record.name == "model_server":
             # the model server's own line, kept as it is behind a tag
             return f"[model-server {getattr(record, 'stream', '')}] {record.getMessage()}"
         return super().format(record)
+
+
+class AccessLog:
+    """Access lines kept on the event loop and handed to the log writer as one batch every
+    `interval` seconds: a log record, a thread wake-up and a write per request cost more
+    than proxying the request."""
+
+    def __init__(self, log_format: str, interval: float = 0.1) -> None:
+        self._formatter = JsonFormatter() if log_format == "json" else TextFormatter()
+        self._interval = interval
+        self._entries: list[tuple[float, str, tuple[object, ...], dict[str, object]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, message: str, args: tuple[object, ...], fields: dict[str, object]) -> None:
+        self._entries.append((time.time(), message, args, fields))
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._interval, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        entries, self._entries = self._entries, []
+        if not entries:
+            return
+        lines = [
+            self._formatter.format(
+                logging.makeLogRecord(
+                    {
+                        "name": _access.name,
+                        "levelno": logging.INFO,
+                        "levelname": "INFO",
+                        "msg": message,
+                        "args": args,
+                        "created": created,
+                        "msecs": created % 1 * 1000,
+                        **fields,
+                    }
+                )
+            )
+            for created, message, args, fields in entries
+        ]
+        _access.info("\n".join(lines), extra={"preformatted": True})
+
+
+_access = logging.getLogger("model_proxy.access")
 
 
 @contextmanager

@@ -91,6 +91,8 @@ async def serve(config: Config) -> int:
         finally:
             model.kill()  # whatever happened above, no model server outlives the proxy
     proxy.pool.close()
+    if proxy.access_log is not None:
+        proxy.access_log.flush()
     await listener.wait_closed()
     reaper.uninstall()
     signals.uninstall(loop)
