@@ -22,6 +22,7 @@ from .errors import (
     Unauthorized,
 )
 from .forward import ProxyExchange, UpstreamPool
+from .headers import new_request_id
 from .limiter import Limiter
 from .logs import AccessLog
 from .metrics import CONTENT_TYPE, Gauges, Metrics
@@ -121,8 +122,12 @@ class Proxy:
         self.last_request_at = conn.loop.time()
         rejection = self._rejection(head)
         if rejection is not None:
-            self._count_rejection(route, head, rejection)
-            return LocalExchange.error(conn, head, rejection, close=self.closed)
+            # refused before forwarding, but identified all the same, as a forwarded one is
+            request_id = head.header(b"x-request-id") or new_request_id()
+            self._count_rejection(route, head, rejection, request_id)
+            return LocalExchange.error(
+                conn, head, rejection, close=self.closed, request_id=request_id
+            )
         self._started()
         settings = self.config.proxy
         websocket = head.upgrade and (head.header(b"upgrade") or b"").lower() == b"websocket"
@@ -238,12 +243,14 @@ class Proxy:
             rejected=exchange.error_kind if exchange.code in (413, 503) else None,
         )
 
-    def _count_rejection(self, route: str, head: RequestHead, error: ProxyError) -> None:
+    def _count_rejection(
+        self, route: str, head: RequestHead, error: ProxyError, request_id: bytes
+    ) -> None:
         self._record(
             route,
             head,
             error.status,
-            request_id=head.header(b"x-request-id") or b"-",
+            request_id=request_id,
             duration=0.0,
             first_byte=0.0,
             queue_wait=None,

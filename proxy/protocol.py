@@ -576,11 +576,20 @@ class LocalExchange:
 
     @classmethod
     def error(
-        cls, conn: ClientConnection, head: RequestHead, error: ProxyError, *, close: bool = False
+        cls,
+        conn: ClientConnection,
+        head: RequestHead,
+        error: ProxyError,
+        *,
+        close: bool = False,
+        request_id: bytes | None = None,
     ) -> LocalExchange:
         if close:
             head.keep_alive = False
-        return cls(conn, head, error.status, error_headers(error), error.body())
+        headers = error_headers(error)
+        if request_id is not None:
+            headers.append((b"X-Request-ID", request_id))
+        return cls(conn, head, error.status, headers, error.body())
 
     def start(self) -> None:
         self._started = True

@@ -933,9 +933,16 @@ async def test_not_ready_is_503_with_retry_after(tmp_path: Path) -> None:
             assert response.status == 503
             assert error_type(response) == "not_ready"
             assert (response.header("retry-after") or "").isdigit()
+            assert len(response.header("x-request-id") or "") == 32  # identified, though refused
+        kept = await send(url, request("GET", "/sync/x", [("X-Request-ID", "mine-1")]))
+        assert (kept.status, kept.header("x-request-id")) == (503, "mine-1")
         assert upstream.seen == []
-        assert proxy.metrics.requests == {("predict", "POST", 503): 1, ("sync", "POST", 503): 1}
-        assert proxy.metrics.rejected == {"not_ready": 2}
+        assert proxy.metrics.requests == {
+            ("predict", "POST", 503): 1,
+            ("sync", "POST", 503): 1,
+            ("sync", "GET", 503): 1,
+        }
+        assert proxy.metrics.rejected == {"not_ready": 3}
         proxy.state.enter("ready", 1)
         assert (await send(url, request("GET", "/sync/x"))).status == 200
 
