@@ -346,7 +346,7 @@ class ProxyExchange:
         self._continue = (
             head.version == "1.1"
             and (framing.chunked or bool(framing.content_length))
-            and (head.header(b"expect") or b"").lower() == b"100-continue"
+            and framing.expects_continue
         )
         self._deferred: ProxyError | None = None  # failed before its turn: answered in turn
         if framing.content_length is not None and framing.content_length > max_body:
@@ -406,9 +406,11 @@ class ProxyExchange:
         if upstream is not None and self._pending:
             pending = self._pending
             if self._replay is not None:
-                self._replay += pending
-                if sum(map(len, self._replay)) > REPLAY_LIMIT:
+                # kept only while small: the body bytes seen so far bound what was sent
+                if self._body_bytes > REPLAY_LIMIT:
                     self._replay = None
+                else:
+                    self._replay += pending
             upstream.write(pending)
             self._pending = []
             self._pending_bytes = 0

@@ -10,7 +10,8 @@ Headers = list[tuple[bytes, bytes]]
 # what the proxy does with a request header, by lower-cased name (absent: pass it on)
 _REQUEST_ROLES = {
     # RFC 9110 §7.6.1 hop-by-hop headers, and Expect, which the proxy answers itself
-    **dict.fromkeys((b"connection", b"keep-alive", b"te", b"trailer", b"expect"), "hop"),
+    **dict.fromkeys((b"connection", b"keep-alive", b"te", b"trailer"), "hop"),
+    b"expect": "expect",  # not passed on: the proxy answers 100-continue itself
     b"upgrade": "upgrade",  # hop-by-hop too, but a WebSocket handshake keeps it
     b"transfer-encoding": "chunked",
     b"content-length": "length",
@@ -43,14 +44,22 @@ def _connection_tokens(headers: Headers, lowered: list[bytes]) -> frozenset[byte
 
 
 class RequestFraming:
-    """How the request body arrives: a known length, chunked, or none."""
+    """How the request body arrives: a known length, chunked, or none; and whether the
+    client waits for a 100 Continue before sending it."""
 
-    __slots__ = ("chunked", "content_length", "request_id")
+    __slots__ = ("chunked", "content_length", "expects_continue", "request_id")
 
-    def __init__(self, content_length: int | None, chunked: bool, request_id: bytes) -> None:
+    def __init__(
+        self,
+        content_length: int | None,
+        chunked: bool,
+        request_id: bytes,
+        expects_continue: bool,
+    ) -> None:
         self.content_length = content_length
         self.chunked = chunked
         self.request_id = request_id
+        self.expects_continue = expects_continue
 
 
 def upstream_request_head(
@@ -69,7 +78,7 @@ def upstream_request_head(
     request_id = forwarded_for = b""
     host: bytes | None = None
     content_length: int | None = None
-    chunked = has_proto = has_forwarded_host = False
+    chunked = has_proto = has_forwarded_host = expects_continue = False
     for (name, value), lower in zip(headers, lowered, strict=True):
         role = _REQUEST_ROLES.get(lower)
         # framing first: the proxy must know it whatever a Connection header names
@@ -78,6 +87,9 @@ def upstream_request_head(
             continue
         if role == "length":
             content_length = int(value)  # llhttp has checked it is a number, and only one
+            continue
+        if role == "expect":
+            expects_continue = value.strip().lower() == b"100-continue"
             continue
         if websocket and lower in _WEBSOCKET_KEPT:
             parts += (name, b": ", value, b"\r\n")
@@ -112,7 +124,9 @@ def upstream_request_head(
     elif content_length is not None:
         parts.append(b"Content-Length: %d\r\n" % content_length)
     parts.append(b"\r\n")
-    framing = RequestFraming(None if chunked else content_length, chunked, request_id)
+    framing = RequestFraming(
+        None if chunked else content_length, chunked, request_id, expects_continue
+    )
     return b"".join(parts), framing
 
 
