@@ -124,7 +124,7 @@ class ModelServer:
         ready = wait_until_ready(
             self._readiness, interval=STARTUP_PROBE_INTERVAL, deadline=deadline, clock=loop.time
         )
-        winner, result = await _first({"probe": ready, "exit": self._exited(child)})
+        winner, result = await race({"probe": ready, "exit": self._exited(child)})
         if winner == "probe":
             return "ready" if result else "was not ready in time"
         return "exited"
@@ -166,7 +166,7 @@ class ModelServer:
                 clock=loop.time,
             )
             racers["liveness failed"] = liveness_failed.wait()
-        winner, _ = await _first(racers)
+        winner, _ = await race(racers)
         return "exited" if winner == "exit" else "failed its liveness probe"
 
     @property
@@ -183,7 +183,7 @@ class ModelServer:
         return "exited"
 
 
-async def _first(racers: dict[str, Awaitable[object]]) -> tuple[str, object]:
+async def race(racers: dict[str, Awaitable[object]]) -> tuple[str, object]:
     """Run the awaitables together; the name and result of the first to finish (the rest
     are cancelled)."""
     tasks = {asyncio.ensure_future(aw): name for name, aw in racers.items()}

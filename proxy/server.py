@@ -13,7 +13,7 @@ import aiohttp
 
 from .app import Proxy
 from .config import Config
-from .lifecycle import ModelServer
+from .lifecycle import ModelServer, race
 from .supervisor import Reaper
 
 log = logging.getLogger("model_proxy")
@@ -147,19 +147,24 @@ async def _drain(
     log.info("listener closed; %d requests in flight", proxy.active)
 
     if not signals.force.is_set():
-        await _until(_first_of(proxy.idle.wait(), signals.force.wait()), deadline - loop.time())
+        await _until(
+            race({"idle": proxy.idle.wait(), "forced": signals.force.wait()}),
+            deadline - loop.time(),
+        )
     if proxy.active:
         log.warning("%d requests still in flight after the grace: cutting them", proxy.active)
     _abort_all(proxy)
     await _close_websockets(proxy, signals)
     life.cancel()
     await asyncio.gather(life, return_exceptions=True)
-    if signals.force.is_set():
-        model.kill()
-        await model.stop(0)
-        return FORCED_EXIT
+    # forced already, or while the model server stops: the race ends at once either way
     await _until(
-        _first_of(model.stop(settings.child_stop_grace_seconds), signals.force.wait()),
+        race(
+            {
+                "stopped": model.stop(settings.child_stop_grace_seconds),
+                "forced": signals.force.wait(),
+            }
+        ),
         settings.child_stop_grace_seconds + 5,
     )
     if signals.force.is_set():
@@ -177,7 +182,7 @@ async def _close_websockets(proxy: Proxy, signals: Signals) -> None:
     log.info("closing %d WebSockets", len(proxy.tunnels))
     for tunnel in list(proxy.tunnels):
         tunnel.going_away()  # each cuts its sockets itself if the peers do not answer
-    await _first_of(proxy.no_tunnels.wait(), signals.force.wait())
+    await race({"closed": proxy.no_tunnels.wait(), "forced": signals.force.wait()})
     for tunnel in list(proxy.tunnels):
         tunnel.abort()
 
@@ -194,13 +199,3 @@ async def _until(awaitable: Awaitable[object], seconds: float) -> None:
             await awaitable
     except TimeoutError:
         pass
-
-
-async def _first_of(*awaitables: Awaitable[object]) -> None:
-    tasks = [asyncio.ensure_future(aw) for aw in awaitables]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
