@@ -19,8 +19,12 @@ from proxy.errors import ConfigError
 
 RestartPolicy = Literal["always", "never"]
 LogFormat = Literal["text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+TransportKind = Literal["http", "websocket", "grpc"]
 _RESTART_POLICIES: tuple[RestartPolicy, ...] = ("always", "never")
 _LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
+_LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
+_TRANSPORT_KINDS: tuple[TransportKind, ...] = ("http", "websocket", "grpc")
 _HOW_TO_CHOOSE = "pass --config PATH or set MODEL_PROXY_CONFIG"
 _NAME_RULE = 'must be a file name in proxy.secrets_dir (not empty, no "/")'
 _SHOW_MAX = 80  # a `(got X)` longer than this is cut: the line must stay readable
@@ -48,6 +52,16 @@ class HealthChecks:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Transport:
+    """Truss's `runtime.transport`: what the model server speaks, and WebSocket keepalive."""
+
+    kind: TransportKind = "http"
+    # websocket: ping idle clients this often; close one that has not answered in the timeout
+    ping_interval_seconds: float | None = None
+    ping_timeout_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ProxySettings:
     """The proxy's own `proxy:` section."""
 
@@ -66,8 +80,19 @@ class ProxySettings:
     api_key_secret: str | None = None
     metrics_require_api_key: bool = False  # /metrics needs the API key too
     log_format: LogFormat = "text"
+    log_level: LogLevel = "info"
     access_log: bool = True  # one line per proxied request
     presets_file: Path | None = None  # a registry of the user's own server presets
+    # how long a client may take; each bounds a way to hold a connection or a slot
+    client_header_timeout_seconds: float = 30.0
+    client_body_timeout_seconds: float = 60.0
+    client_send_timeout_seconds: float = 60.0
+    keepalive_timeout_seconds: float = 75.0
+    buffer_request_body_bytes: int = 1048576
+    websocket_idle_timeout_seconds: float | None = 600.0
+    grpc_upstream_port: int | None = None  # gRPC beside HTTP (MLServer 8081, Triton 8001)
+    grpc_health_service: str = ""
+    upstream_metrics_endpoint: str | None = None  # the child's own Prometheus endpoint
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +103,7 @@ class Config:
     docker_server: DockerServer
     predict_concurrency: int
     health_checks: HealthChecks
+    transport: Transport
     proxy: ProxySettings
     environment_variables: Mapping[str, str]
     secrets: tuple[str, ...]
@@ -85,10 +111,18 @@ class Config:
     implementation: str | None = None
     model_uri: str | None = None
 
+    @property
+    def grpc_port(self) -> int | None:
+        """The child's gRPC port, if it serves gRPC at all."""
+        if self.proxy.grpc_upstream_port is not None:
+            return self.proxy.grpc_upstream_port
+        return self.docker_server.server_port if self.transport.kind == "grpc" else None
+
 
 _PROXY_KEYS = tuple(f.name for f in fields(ProxySettings))
 # Truss's restart_check_delay_seconds is accepted and checked, but has no use here
 _HEALTH_KEYS = (*(f.name for f in fields(HealthChecks)), "restart_check_delay_seconds")
+_TRANSPORT_KEYS = tuple(f.name for f in fields(Transport))
 
 
 def load_config(path: Path, *, host: str | None = None, port: int | None = None) -> Config:
@@ -113,15 +147,24 @@ def load_config(path: Path, *, host: str | None = None, port: int | None = None)
     runtime = top.child("runtime")
     concurrency = runtime.integer("predict_concurrency", 1, low=1)
     health = _health_checks(runtime.child("health_checks", known=_HEALTH_KEYS))
+    transport = _transport(runtime.child("transport", known=_TRANSPORT_KEYS))
+    debug = runtime.boolean("enable_debug_logs", False)
     environment = _environment(top.child("environment_variables"))
     secrets = _secret_names(data.get("secrets"), problems)
 
-    proxy = _proxy_settings(proxy_section, concurrency, presets_file)
+    proxy = _proxy_settings(proxy_section, concurrency, presets_file, debug=debug)
     problems.extend(proxy_problems)
 
     if proxy.port and proxy.port == docker.server_port:  # 0: already reported as invalid
         problems.append(
             f"proxy.port: must differ from docker_server.server_port (got {proxy.port})"
+        )
+    if proxy.grpc_upstream_port is not None and proxy.grpc_upstream_port == proxy.port:
+        problems.append(f"proxy.grpc_upstream_port: must differ from proxy.port (got {proxy.port})")
+    if proxy.grpc_upstream_port is not None and transport.kind == "grpc":
+        problems.append(
+            "proxy.grpc_upstream_port: with runtime.transport.kind grpc the child serves"
+            f" gRPC on docker_server.server_port; remove one (got {proxy.grpc_upstream_port})"
         )
     # without a usable secrets_dir every secret would be "missing": that is said once already
     if not any(problem.startswith("proxy.secrets_dir:") for problem in problems):
@@ -140,6 +183,7 @@ def load_config(path: Path, *, host: str | None = None, port: int | None = None)
         docker_server=docker,
         predict_concurrency=concurrency,
         health_checks=health,
+        transport=transport,
         proxy=proxy,
         environment_variables=MappingProxyType(environment),
         secrets=secrets,
@@ -158,6 +202,7 @@ def render_config(config: Config) -> str:
         "runtime": {
             "predict_concurrency": config.predict_concurrency,
             "health_checks": _plain(config.health_checks),
+            "transport": _plain(config.transport),
         },
         "environment_variables": dict(config.environment_variables),
         "secrets": list(config.secrets),
@@ -262,6 +307,20 @@ def _health_checks(section: _Section) -> HealthChecks:
     )
 
 
+def _transport(section: _Section) -> Transport:
+    default = Transport()
+    kind = section.choice("kind", _TRANSPORT_KINDS, default.kind)
+    interval = section.timeout("ping_interval_seconds")
+    timeout = section.timeout("ping_timeout_seconds")
+    if kind != "websocket":
+        for key in ("ping_interval_seconds", "ping_timeout_seconds"):
+            if section.data.get(key) is not None:
+                section.fail(key, "only applies with runtime.transport.kind websocket", kind)
+    if timeout is not None and interval is None:
+        section.fail("ping_timeout_seconds", "needs ping_interval_seconds set", timeout)
+    return Transport(kind=kind, ping_interval_seconds=interval, ping_timeout_seconds=timeout)
+
+
 def _presets_file(section: _Section, base: Path) -> Path | None:
     """proxy.presets_file, relative to the config file's folder."""
     name = section.text("presets_file", nonempty=True)
@@ -269,7 +328,7 @@ def _presets_file(section: _Section, base: Path) -> Path | None:
 
 
 def _proxy_settings(
-    section: _Section, concurrency: int, presets_file: Path | None
+    section: _Section, concurrency: int, presets_file: Path | None, *, debug: bool
 ) -> ProxySettings:
     default = ProxySettings(max_queue_size=10 * concurrency)
     api_key_secret = section.text("api_key_secret", nonempty=True) or None
@@ -305,8 +364,30 @@ def _proxy_settings(
         api_key_secret=api_key_secret,
         metrics_require_api_key=metrics_require_api_key,
         log_format=section.choice("log_format", _LOG_FORMATS, default.log_format),
+        log_level=section.choice("log_level", _LOG_LEVELS, "debug" if debug else default.log_level),
         access_log=section.boolean("access_log", default.access_log),
         presets_file=presets_file,
+        client_header_timeout_seconds=section.positive(
+            "client_header_timeout_seconds", default.client_header_timeout_seconds
+        ),
+        client_body_timeout_seconds=section.positive(
+            "client_body_timeout_seconds", default.client_body_timeout_seconds
+        ),
+        client_send_timeout_seconds=section.positive(
+            "client_send_timeout_seconds", default.client_send_timeout_seconds
+        ),
+        keepalive_timeout_seconds=section.positive(
+            "keepalive_timeout_seconds", default.keepalive_timeout_seconds
+        ),
+        buffer_request_body_bytes=section.integer(
+            "buffer_request_body_bytes", default.buffer_request_body_bytes, low=0
+        ),
+        websocket_idle_timeout_seconds=section.timeout(
+            "websocket_idle_timeout_seconds", default.websocket_idle_timeout_seconds
+        ),
+        grpc_upstream_port=section.integer("grpc_upstream_port", 0, low=1, high=65535) or None,
+        grpc_health_service=section.text("grpc_health_service") or default.grpc_health_service,
+        upstream_metrics_endpoint=section.endpoint("upstream_metrics_endpoint", query=True) or None,
     )
 
 
@@ -416,7 +497,7 @@ def _show(value: object) -> str:
     return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 3] + "..."
 
 
-def _plain(section: DockerServer | HealthChecks | ProxySettings) -> dict[str, Any]:
+def _plain(section: DockerServer | HealthChecks | Transport | ProxySettings) -> dict[str, Any]:
     values = {field.name: getattr(section, field.name) for field in fields(section)}
     return {
         name: str(value) if isinstance(value, Path) else value for name, value in values.items()
@@ -493,14 +574,27 @@ class _Section:
         self.fail(key, "must be true or false", value)
         return default
 
-    def timeout(self, key: str) -> float | None:
+    def positive(self, key: str, default: float) -> float:
+        """Seconds that must be more than 0 (a limit of 0 would refuse everything)."""
         value = self.data.get(key)
+        if value is None:
+            return default
+        if _is_number(value) and value > 0:
+            return float(value)
+        self.fail(key, "must be a number of seconds > 0", value)
+        return default
+
+    def timeout(self, key: str, default: float | None = None) -> float | None:
+        """Seconds > 0, or null for no limit; `default` when the key is absent."""
+        if key not in self.data:
+            return default
+        value = self.data[key]
         if value is None:
             return None
         if _is_number(value) and value > 0:
             return float(value)
         self.fail(key, "must be a number of seconds > 0, or null for no limit", value)
-        return None
+        return default
 
     def choice(self, key: str, options: tuple[_T, ...], default: _T) -> _T:
         value = self.data.get(key)

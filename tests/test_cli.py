@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from proxy.cli import main
-from proxy.config import DockerServer, HealthChecks, ProxySettings
+from proxy.config import DockerServer, HealthChecks, ProxySettings, Transport
 
 from .conftest import ROOT, RunningProxy, free_port, write_config
 
@@ -126,6 +126,11 @@ def test_check_prints_every_resolved_setting_of_a_truss_config(tmp_path: Path) -
                 "stop_traffic_threshold_seconds": 60,
                 "restart_threshold_seconds": 90,
             },
+            "transport": {
+                "kind": "http",
+                "ping_interval_seconds": None,
+                "ping_timeout_seconds": None,
+            },
         },
         "environment_variables": {},
         "secrets": ["hf_access_token"],
@@ -151,11 +156,12 @@ def test_check_prints_every_resolved_setting_of_a_truss_config(tmp_path: Path) -
     sections = {
         "docker_server": (resolved["docker_server"], DockerServer),
         "runtime.health_checks": (resolved["runtime"]["health_checks"], HealthChecks),
+        "runtime.transport": (resolved["runtime"]["transport"], Transport),
         "proxy": (resolved["proxy"], ProxySettings),
     }
     for name, (section, settings) in sections.items():
         assert set(section) == {field.name for field in fields(settings)}, name
-    assert resolved["runtime"].keys() == {"predict_concurrency", "health_checks"}
+    assert resolved["runtime"].keys() == {"predict_concurrency", "health_checks", "transport"}
     assert expected["proxy"].items() <= resolved["proxy"].items()
     assert {**expected, "proxy": None} == {**resolved, "proxy": None}
 

@@ -15,6 +15,7 @@ from proxy.config import (
     DockerServer,
     HealthChecks,
     ProxySettings,
+    Transport,
     load_config,
     read_secret,
     render_config,
@@ -220,6 +221,21 @@ def test_every_setting_can_be_set(tmp_path: Path) -> None:
                 "secrets_dir": str(secrets_dir),
                 "api_key_secret": "api_key",
                 "log_format": "json",
+                "log_level": "warning",
+                "client_header_timeout_seconds": 1.5,
+                "client_body_timeout_seconds": 2,
+                "client_send_timeout_seconds": 3,
+                "keepalive_timeout_seconds": 4,
+                "buffer_request_body_bytes": 0,
+                "websocket_idle_timeout_seconds": None,
+                "grpc_upstream_port": 8081,
+                "grpc_health_service": "inference",
+                "upstream_metrics_endpoint": "/metrics",
+            },
+            "runtime.transport": {
+                "kind": "websocket",
+                "ping_interval_seconds": 20,
+                "ping_timeout_seconds": 5.5,
             },
         },
     )
@@ -247,7 +263,21 @@ def test_every_setting_can_be_set(tmp_path: Path) -> None:
         secrets_dir=secrets_dir,
         api_key_secret="api_key",
         log_format="json",
+        log_level="warning",
+        client_header_timeout_seconds=1.5,
+        client_body_timeout_seconds=2.0,
+        client_send_timeout_seconds=3.0,
+        keepalive_timeout_seconds=4.0,
+        buffer_request_body_bytes=0,
+        websocket_idle_timeout_seconds=None,
+        grpc_upstream_port=8081,
+        grpc_health_service="inference",
+        upstream_metrics_endpoint="/metrics",
     )
+    assert config.transport == Transport(
+        kind="websocket", ping_interval_seconds=20.0, ping_timeout_seconds=5.5
+    )
+    assert config.grpc_port == 8081
     assert isinstance(config.proxy.request_timeout_seconds, float)
 
 
@@ -534,6 +564,49 @@ proxy:
             {"proxy.api_key": "x"},
             'proxy.api_key: unknown key; did you mean api_key_secret? (got "x")',
         ),
+        (
+            {"proxy.client_body_timeout_seconds": 0},
+            "proxy.client_body_timeout_seconds: must be a number of seconds > 0 (got 0)",
+        ),
+        (
+            {"proxy.buffer_request_body_bytes": -1},
+            "proxy.buffer_request_body_bytes: must be an integer >= 0 (got -1)",
+        ),
+        (
+            {"proxy.websocket_idle_timeout_seconds": 0},
+            "proxy.websocket_idle_timeout_seconds: must be a number of seconds > 0, or null"
+            " for no limit (got 0)",
+        ),
+        (
+            {"proxy.log_level": "verbose"},
+            'proxy.log_level: must be one of debug, info, warning, error (got "verbose")',
+        ),
+        (
+            {"proxy.grpc_upstream_port": 8080},
+            "proxy.grpc_upstream_port: must differ from proxy.port (got 8080)",
+        ),
+        (
+            {"proxy.grpc_upstream_port": 8081, "runtime.transport.kind": "grpc"},
+            "proxy.grpc_upstream_port: with runtime.transport.kind grpc the child serves gRPC"
+            " on docker_server.server_port; remove one (got 8081)",
+        ),
+        (
+            {"runtime.transport.kind": "h2"},
+            'runtime.transport.kind: must be one of http, websocket, grpc (got "h2")',
+        ),
+        (
+            {"runtime.transport.ping_interval_seconds": 20},
+            "runtime.transport.ping_interval_seconds: only applies with"
+            ' runtime.transport.kind websocket (got "http")',
+        ),
+        (
+            {"runtime.transport": {"kind": "websocket", "ping_timeout_seconds": 5}},
+            "runtime.transport.ping_timeout_seconds: needs ping_interval_seconds set (got 5.0)",
+        ),
+        (
+            {"runtime.transport.kindd": "grpc"},
+            'runtime.transport.kindd: unknown key; did you mean kind? (got "grpc")',
+        ),
         # preset keys: only their types are checked for now
         ({"implementation": ["vllm"]}, 'implementation: must be a string (got ["vllm"])'),
         ({"model_uri": 3}, "model_uri: must be a string (got 3)"),
@@ -793,6 +866,11 @@ def test_render_config_is_yaml_with_every_setting_in_order(tmp_path: Path) -> No
             "stop_traffic_threshold_seconds": 60.0,
             "restart_threshold_seconds": 90.0,
         },
+        "transport": {
+            "kind": "http",
+            "ping_interval_seconds": None,
+            "ping_timeout_seconds": None,
+        },
     }
     assert rendered["environment_variables"] == {
         "VLLM_LOGGING_LEVEL": "WARNING",
@@ -823,3 +901,18 @@ def test_render_config_round_trips_through_load_config(tmp_path: Path) -> None:
     again.write_text(render_config(config))
 
     assert load_config(again) == config
+
+
+def test_a_grpc_transport_serves_grpc_on_the_server_port(tmp_path: Path) -> None:
+    config = load(tmp_path, with_values(MINIMAL, {"runtime.transport.kind": "grpc"}))
+
+    assert config.grpc_port == 8000
+    assert load(tmp_path, MINIMAL).grpc_port is None
+
+
+def test_truss_debug_logs_mean_log_level_debug(tmp_path: Path) -> None:
+    config = load(tmp_path, with_values(MINIMAL, {"runtime.enable_debug_logs": True}))
+
+    assert config.proxy.log_level == "debug"
+    explicit = {"runtime.enable_debug_logs": True, "proxy.log_level": "error"}
+    assert load(tmp_path, with_values(MINIMAL, explicit)).proxy.log_level == "error"
