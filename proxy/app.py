@@ -22,12 +22,14 @@ from .errors import (
     Unauthorized,
 )
 from .forward import ProxyExchange, UpstreamPool
-from .headers import new_request_id
+from .framing import RequestHead
+from .headers import client_request_id
 from .limiter import Limiter
+from .local import LocalExchange
 from .logs import AccessLog
 from .metrics import CONTENT_TYPE, Gauges, Metrics
 from .paths import RouteMap, split_target
-from .protocol import ClientConnection, ConnectionLimits, Exchange, LocalExchange, RequestHead
+from .protocol import ClientConnection, ConnectionLimits, Exchange
 from .websocket import Tunnel
 
 JSON = b"application/json"
@@ -63,8 +65,13 @@ class Proxy:
 
     def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
         self.config = config
-        self.limits = ConnectionLimits()  # for each new client connection; tests shorten them
         settings = config.proxy
+        self.limits = ConnectionLimits(  # for each new client connection
+            header_timeout=settings.client_header_timeout_seconds,
+            body_timeout=settings.client_body_timeout_seconds,
+            send_timeout=settings.client_send_timeout_seconds,
+            idle_timeout=settings.keepalive_timeout_seconds,
+        )
         self.state = UpstreamState()
         self.routes = RouteMap(config.docker_server.predict_endpoint)
         self._api_key = (
@@ -123,14 +130,13 @@ class Proxy:
         rejection = self._rejection(head)
         if rejection is not None:
             # refused before forwarding, but identified all the same, as a forwarded one is
-            request_id = head.header(b"x-request-id") or new_request_id()
+            request_id = client_request_id(head)
             self._count_rejection(route, head, rejection, request_id)
             return LocalExchange.error(
                 conn, head, rejection, close=self.closed, request_id=request_id
             )
         self._started()
         settings = self.config.proxy
-        websocket = head.upgrade and (head.header(b"upgrade") or b"").lower() == b"websocket"
         return ProxyExchange(
             conn,
             head,
@@ -140,8 +146,8 @@ class Proxy:
             admission=self.limiter,
             outcome=self._finished,
             max_body=settings.max_request_body_bytes,
+            buffer_body=settings.buffer_request_body_bytes,
             request_timeout=settings.request_timeout_seconds,
-            websocket=websocket,
             on_upgrade=self._upgraded,
         )
 
@@ -166,18 +172,19 @@ class Proxy:
         if head.method not in (b"GET", b"HEAD"):
             error = MethodNotAllowed()
             headers = [(b"Content-Type", JSON), (b"Allow", b"GET, HEAD")]
-            return LocalExchange(conn, head, error.status, headers, error.body())
+            return LocalExchange.fixed(conn, head, error.status, headers, error.body())
         if path == b"/metrics":
             if self._metrics_key and not self._authorized(head):
                 return LocalExchange.error(conn, head, Unauthorized())  # not counted
             return LocalExchange(
-                conn, head, 200, [(b"Content-Type", CONTENT_TYPE)], self.metrics.render()
+                conn, head, lambda: (200, [(b"Content-Type", CONTENT_TYPE)], self.metrics.render())
             )
+        return LocalExchange(conn, head, lambda: self._probe_answer(path))
+
+    def _probe_answer(self, path: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         # /health: a model server process runs; /ready: it takes traffic and we are not draining
         ok = self.state.running if path == b"/health" else self.state.ready and not self.draining
-        return LocalExchange(
-            conn, head, 200 if ok else 503, [(b"Content-Type", JSON)], self._status(ok)
-        )
+        return 200 if ok else 503, [(b"Content-Type", JSON)], self._status(ok)
 
     def _status(self, ok: bool) -> bytes:
         state = self.state
@@ -231,6 +238,8 @@ class Proxy:
     def _finished(self, exchange: ProxyExchange) -> None:
         if exchange.code != 101:
             self._http_done()
+        if exchange.disconnect is not None:
+            self.metrics.client_disconnects[exchange.disconnect] += 1
         arrived = exchange.arrived_at
         self._record(
             exchange.route,
@@ -239,7 +248,9 @@ class Proxy:
             request_id=exchange.request_id,
             duration=time.monotonic() - arrived,
             first_byte=None if exchange.first_byte_at is None else exchange.first_byte_at - arrived,
-            queue_wait=None if exchange.admitted_at is None else exchange.admitted_at - arrived,
+            queue_wait=None
+            if exchange.admitted_at is None or exchange.queued_at is None
+            else exchange.admitted_at - exchange.queued_at,
             rejected=exchange.error_kind if exchange.code in (413, 503) else None,
         )
 

@@ -16,26 +16,17 @@ import httptools
 from .errors import (
     PayloadTooLarge,
     ProxyError,
-    RequestTimeout,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .headers import (
-    Headers,
-    scan_response_headers,
-    upstream_request_head,
-    websocket_response_head,
-)
-from .protocol import (
-    REASONS,
-    WRITE_HIGH_WATER,
-    WRITE_LOW_WATER,
-    ClientConnection,
-    RequestHead,
-    error_headers,
-)
+from .framing import Headers, RequestHead
+from .headers import scan_response_headers, upstream_request_head, websocket_response_head
+from .local import REASONS, error_headers
+from .protocol import WRITE_HIGH_WATER, WRITE_LOW_WATER, ClientConnection
 
 HIGH_WATER = 256 * 1024  # request bytes held while waiting for a slot or a connection
+# a client that left, by how far its request had come (model_proxy_client_disconnects_total)
+QUEUED, WAITING, STREAMING = "queued", "waiting", "streaming"
 REPLAY_LIMIT = 64 * 1024  # a request this small is resent once if a reused connection was stale
 MAX_IDLE = 512
 CHUNK_END = b"\r\n"
@@ -267,6 +258,8 @@ class ProxyExchange:
         "_admission",
         "_admitted",
         "_body_bytes",
+        "_buffer_limit",
+        "_buffering",
         "_chunked_in",
         "_chunked_out",
         "_continue",
@@ -292,9 +285,11 @@ class ProxyExchange:
         "arrived_at",
         "code",
         "conn",
+        "disconnect",
         "error_kind",
         "first_byte_at",
         "head",
+        "queued_at",
         "request_done",
         "request_id",
         "route",
@@ -313,8 +308,8 @@ class ProxyExchange:
         admission: Admission,
         outcome: Outcome,
         max_body: int,
+        buffer_body: int,
         request_timeout: float | None,
-        websocket: bool = False,
         on_upgrade: OnUpgrade | None = None,
     ) -> None:
         self.conn = conn
@@ -326,31 +321,32 @@ class ProxyExchange:
         self._outcome = outcome
         self._max_body = max_body
         self._request_timeout = request_timeout
-        self._websocket = websocket
+        self._websocket = head.websocket
         self._on_upgrade = on_upgrade
         self.arrived_at = monotonic()  # not loop.time(): uvloop's has millisecond steps
+        self.queued_at: float | None = None  # when it asked for a slot
         self.admitted_at: float | None = None
         self.first_byte_at: float | None = None
         self.code = 0
         self.error_kind: str | None = None
+        self.disconnect: str | None = None  # the phase in which the client left, if it did
         self.request_done = False
         self.upstream: UpstreamConnection | None = None
         # framed now: body chunks of a pipelined request arrive before its turn
-        self._upstream_head, framing = upstream_request_head(
-            head.method, target, head.headers, client_ip=head.client_ip, websocket=websocket
-        )
-        self.request_id = framing.request_id
-        self._chunked_in = framing.chunked
+        self._upstream_head, self.request_id = upstream_request_head(head, target)
+        self._chunked_in = head.chunked
         # Expect is not passed on (the body is re-framed), so the proxy invites the body
         # itself when the request's turn comes, as nginx does
-        self._continue = (
-            head.version == "1.1"
-            and (framing.chunked or bool(framing.content_length))
-            and framing.expects_continue
-        )
+        self._continue = head.expects_continue
         self._deferred: ProxyError | None = None  # failed before its turn: answered in turn
-        if framing.content_length is not None and framing.content_length > max_body:
+        if head.content_length is not None and head.content_length > max_body:
             self._deferred = PayloadTooLarge()
+        # a body up to buffer_body is read whole before the request asks for a slot: a
+        # client sending slowly then holds no slot (nginx buffers request bodies too)
+        self._buffer_limit = buffer_body
+        self._buffering = buffer_body > 0 and (
+            head.chunked or 0 < (head.content_length or 0) <= buffer_body
+        )
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._body_bytes = 0
@@ -374,10 +370,22 @@ class ProxyExchange:
         if self._continue and not self.request_done:
             self.conn.write(CONTINUE)
         self._pending.insert(0, self._upstream_head)
+        if not self._buffering:
+            self._ask_for_slot()
+
+    def _ask_for_slot(self) -> None:
+        self.queued_at = monotonic()
         if self._admission.try_acquire():
             self._on_admitted()
         else:
             self._task = asyncio.ensure_future(self._wait_for_slot())
+
+    def _stop_buffering(self) -> None:
+        """The body is whole, or larger than the proxy holds: the request asks for a slot
+        (now if its turn has come, else when it does)."""
+        self._buffering = False
+        if self._started and not self._done:
+            self._ask_for_slot()
 
     def request_body(self, chunk: bytes) -> None:
         if self._done or self._deferred is not None:
@@ -395,11 +403,17 @@ class ProxyExchange:
             self._queue(b"%x\r\n" % len(chunk), chunk, CHUNK_END)
         else:
             self._queue(chunk)
+        if self._buffering and self._body_bytes > self._buffer_limit:
+            self._stop_buffering()
 
     def request_end(self) -> None:
         self.request_done = True
-        if self._chunked_in and not self._done and self._deferred is None:
+        if self._done or self._deferred is not None:
+            return
+        if self._chunked_in:
             self._queue(LAST_CHUNK)
+        if self._buffering:
+            self._stop_buffering()
 
     def flush(self) -> None:
         upstream = self.upstream
@@ -416,18 +430,23 @@ class ProxyExchange:
             self._pending_bytes = 0
 
     def client_lost(self) -> None:
-        if not self._done:
-            self._finish(499)
-
-    def request_timed_out(self) -> None:
-        """The client stopped sending the body: 408 if nothing was answered yet, and the
-        request to the model server is cancelled; the connection closes after this."""
+        """The client left: the model server's request is cancelled. As nginx logs it, 499
+        if no response head was sent, else the status that was."""
         if self._done:
             return
-        if self._started:
-            self.fail(RequestTimeout("timed out reading the request body"))
+        if not self._admitted:
+            self.disconnect = QUEUED
+        elif self.first_byte_at is None:
+            self.disconnect = WAITING
         else:
-            self._finish(408)
+            self.disconnect = STREAMING
+        self._finish(499 if self.first_byte_at is None else self.code, lost=True)
+
+    def request_failed(self, error: ProxyError) -> None:
+        """The body broke (bad chunk) or stopped arriving: `error` is the answer if nothing
+        was answered yet, and the request to the model server is cancelled (its connection
+        is dropped, never reused with a partial body); the client connection closes after."""
+        self.fail(error)
 
     def pause_output(self) -> None:
         if self.upstream is not None and self.upstream.transport is not None:
@@ -539,7 +558,7 @@ class ProxyExchange:
         self._pending += pieces
         if self.upstream is None:
             self._pending_bytes += sum(map(len, pieces))
-            if self._pending_bytes > HIGH_WATER:
+            if self._pending_bytes > HIGH_WATER and not self._buffering:
                 self.conn.pause_reading()
 
     async def _wait_for_slot(self) -> None:
@@ -622,7 +641,7 @@ class ProxyExchange:
             self.conn.abort()
             self._finish(self.code)
 
-    def _finish(self, code: int, error_kind: str | None = None) -> None:
+    def _finish(self, code: int, error_kind: str | None = None, *, lost: bool = False) -> None:
         self._done = True
         self.code = code
         self.error_kind = error_kind
@@ -638,7 +657,7 @@ class ProxyExchange:
             self._admitted = False
             self._admission.release()
         self._outcome(self)
-        if code != 499:
+        if not lost:
             self.conn.response_done(
                 self, keep_alive=self.head.keep_alive, request_done=self.request_done
             )

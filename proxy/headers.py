@@ -1,20 +1,19 @@
 """Header hygiene for both directions: hop-by-hop headers dropped, X-Forwarded-* and
-X-Request-ID set, and the body framing of each message read once."""
+X-Request-ID set; a request's body framing is written as framing.decide made it."""
 
 from __future__ import annotations
 
 import random
 
-Headers = list[tuple[bytes, bytes]]
+from .framing import Headers, RequestHead
 
 # what the proxy does with a request header, by lower-cased name (absent: pass it on)
 _REQUEST_ROLES = {
     # RFC 9110 §7.6.1 hop-by-hop headers, and Expect, which the proxy answers itself
     **dict.fromkeys((b"connection", b"keep-alive", b"te", b"trailer"), "hop"),
-    b"expect": "expect",  # not passed on: the proxy answers 100-continue itself
+    # the body's framing and Expect: framing.decide read them; the proxy writes its own
+    **dict.fromkeys((b"transfer-encoding", b"content-length", b"expect"), "framing"),
     b"upgrade": "upgrade",  # hop-by-hop too, but a WebSocket handshake keeps it
-    b"transfer-encoding": "chunked",
-    b"content-length": "length",
     b"x-request-id": "request-id",
     b"x-forwarded-for": "forwarded-for",
     b"host": "host",
@@ -25,6 +24,9 @@ _RESPONSE_HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
 _WEBSOCKET_KEPT = frozenset({b"connection", b"upgrade"})
+_NEVER_NAMED = frozenset({b"host"})  # `Connection: close, Host` cannot remove it
+MAX_REQUEST_ID = 200
+_PRINTABLE = bytes(range(0x20, 0x7F))
 
 
 def new_request_id() -> bytes:
@@ -43,61 +45,43 @@ def _connection_tokens(headers: Headers, lowered: list[bytes]) -> frozenset[byte
     return frozenset(tokens)
 
 
-class RequestFraming:
-    """How the request body arrives: a known length, chunked, or none; and whether the
-    client waits for a 100 Continue before sending it."""
-
-    __slots__ = ("chunked", "content_length", "expects_continue", "request_id")
-
-    def __init__(
-        self,
-        content_length: int | None,
-        chunked: bool,
-        request_id: bytes,
-        expects_continue: bool,
-    ) -> None:
-        self.content_length = content_length
-        self.chunked = chunked
-        self.request_id = request_id
-        self.expects_continue = expects_continue
+def valid_request_id(value: bytes) -> bool:
+    """A client's X-Request-ID is kept when it is printable ASCII of at most 200 bytes."""
+    return 0 < len(value) <= MAX_REQUEST_ID and not value.translate(None, _PRINTABLE)
 
 
-def upstream_request_head(
-    method: bytes,
-    target: bytes,
-    headers: Headers,
-    *,
-    client_ip: str,
-    websocket: bool = False,
-) -> tuple[bytes, RequestFraming]:
-    """The request head to send to the model server, and what the proxy learned of the
-    body on the way. The body is always re-framed by the proxy."""
+def client_request_id(head: RequestHead) -> bytes:
+    """The request's id: the client's own when it is valid, else a new one."""
+    for name, value in head.headers:
+        if name.lower() == b"x-request-id" and valid_request_id(value):
+            return value
+    return new_request_id()
+
+
+def upstream_request_head(head: RequestHead, target: bytes) -> tuple[bytes, bytes]:
+    """The request head to send to the model server, and the request's X-Request-ID. The
+    body's framing is the one framing.decide made; the proxy always re-frames the body."""
+    headers = head.headers
+    websocket = head.websocket
     lowered = [name.lower() for name, _ in headers]
-    named = _connection_tokens(headers, lowered)
-    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    # Connection may name hop-by-hop headers, never the ones the request cannot go without
+    named = _connection_tokens(headers, lowered) - _NEVER_NAMED
+    parts = [head.method, b" ", target, b" HTTP/1.1\r\n"]
     request_id = forwarded_for = b""
     host: bytes | None = None
-    content_length: int | None = None
-    chunked = has_proto = has_forwarded_host = expects_continue = False
+    has_proto = has_forwarded_host = False
     for (name, value), lower in zip(headers, lowered, strict=True):
         role = _REQUEST_ROLES.get(lower)
-        # framing first: the proxy must know it whatever a Connection header names
-        if role == "chunked":
-            chunked = value.strip().lower().endswith(b"chunked")
-            continue
-        if role == "length":
-            content_length = int(value)  # llhttp has checked it is a number, and only one
-            continue
-        if role == "expect":
-            expects_continue = value.strip().lower() == b"100-continue"
-            continue
+        if role == "framing":
+            continue  # decided once, written below
         if websocket and lower in _WEBSOCKET_KEPT:
             parts += (name, b": ", value, b"\r\n")
             continue
         if role in ("hop", "upgrade") or lower in named or lower.startswith(b"proxy-"):
             continue  # `Connection: X-Request-ID` drops that one too
         if role == "request-id":
-            request_id = value
+            if not request_id and valid_request_id(value):
+                request_id = value
             continue
         if role == "forwarded-for":
             if value:  # an empty one adds no hop (nor an empty list element)
@@ -112,22 +96,19 @@ def upstream_request_head(
         parts += (name, b": ", value, b"\r\n")
     if not request_id:
         request_id = new_request_id()
-    ip = client_ip.encode()
+    ip = head.client_ip.encode()
     parts += (b"X-Forwarded-For: ", forwarded_for + b", " + ip if forwarded_for else ip, b"\r\n")
     if not has_proto:
         parts.append(b"X-Forwarded-Proto: http\r\n")
     if host is not None and not has_forwarded_host:
         parts += (b"X-Forwarded-Host: ", host, b"\r\n")
     parts += (b"X-Request-ID: ", request_id, b"\r\n")
-    if chunked:
+    if head.chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
-    elif content_length is not None:
-        parts.append(b"Content-Length: %d\r\n" % content_length)
+    elif head.content_length is not None:
+        parts.append(b"Content-Length: %d\r\n" % head.content_length)
     parts.append(b"\r\n")
-    framing = RequestFraming(
-        None if chunked else content_length, chunked, request_id, expects_continue
-    )
-    return b"".join(parts), framing
+    return b"".join(parts), request_id
 
 
 class ResponseFraming:

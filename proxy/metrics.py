@@ -22,6 +22,7 @@ BUCKETS = (
 )  # fmt: skip
 ROUTES = ("predict", "sync")
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
+DISCONNECT_PHASES = ("queued", "waiting", "streaming")
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -72,6 +73,7 @@ class Metrics(Collector):
         self.rejected: dict[str, int] = {}
         self.restarts = 0
         self.websocket_messages = dict.fromkeys(DIRECTIONS, 0)
+        self.client_disconnects = dict.fromkeys(DISCONNECT_PHASES, 0)
         self.duration = {route: Histogram() for route in ROUTES}
         self.time_to_first_byte = {route: Histogram() for route in ROUTES}
         self.queue_wait = Histogram()
@@ -165,6 +167,15 @@ class Metrics(Collector):
         for direction, count in self.websocket_messages.items():
             messages.add_metric([direction], count)
         yield messages
+        disconnects = CounterMetricFamily(
+            "model_proxy_client_disconnects",
+            "Clients that left before their response ended, by how far the request had come:"
+            " queued (no slot yet), waiting (for the response head), streaming.",
+            labels=["phase"],
+        )
+        for phase, count in self.client_disconnects.items():
+            disconnects.add_metric([phase], count)
+        yield disconnects
 
     @staticmethod
     def _histograms(name: str, documentation: str, by_route: dict[str, Histogram]) -> Metric:

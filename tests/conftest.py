@@ -30,6 +30,7 @@ from aiohttp import web
 
 from proxy.app import Proxy
 from proxy.config import load_config
+from proxy.protocol import ClientConnection
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO_SERVER = ROOT / "examples" / "echo" / "server.py"
@@ -130,6 +131,33 @@ async def fake_upstream(app: web.Application, **options: Any) -> AsyncIterator[i
         await runner.cleanup()
 
 
+class Connections(set[ClientConnection]):
+    """The proxy's client connections, saying when their number changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._changed = asyncio.Event()
+
+    def add(self, connection: ClientConnection) -> None:
+        super().add(connection)
+        self._changed.set()
+
+    def discard(self, connection: ClientConnection) -> None:
+        super().discard(connection)
+        self._changed.set()
+
+    async def until(self, count: int) -> None:
+        """Until exactly `count` connections are left (a lingering close takes a moment)."""
+        async with asyncio.timeout(10):
+            while len(self) != count:
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def closed(self) -> None:
+        """Until the proxy has let go of every connection."""
+        await self.until(0)
+
+
 @asynccontextmanager
 async def in_process_proxy(
     directory: Path, upstream_port: int, **config: Any
@@ -138,6 +166,7 @@ async def in_process_proxy(
     `config` goes to `write_config` (`proxy={...}` for the proxy: section)."""
     path = write_config(directory, server_port=upstream_port, start_command="true", **config)
     proxy = Proxy(load_config(path))
+    proxy.connections = Connections()
     proxy.state.enter("ready", os.getpid())
     loop = asyncio.get_running_loop()
     server = await loop.create_server(proxy.connection, "127.0.0.1", 0)

@@ -29,9 +29,9 @@ import pytest
 from aiohttp import web
 
 from proxy.app import Proxy
-from proxy.protocol import ClientConnection, ConnectionLimits
+from proxy.protocol import ConnectionLimits
 
-from .conftest import fake_upstream, in_process_proxy, run_proxy, write_config
+from .conftest import Connections, fake_upstream, in_process_proxy, run_proxy, write_config
 from .test_forward import (
     SAFETY,
     Recorder,
@@ -286,9 +286,9 @@ CHUNK_ATTACKS = {
 
 @pytest.mark.parametrize("body", CHUNK_ATTACKS.values(), ids=CHUNK_ATTACKS.keys())
 async def test_a_malformed_chunked_body_cuts_the_request(tmp_path: Path, body: bytes) -> None:
-    """The head was fine, the body is not: the request is cut both ways (the case where
-    the head went ahead is tests/test_forward.py's); sent whole, nothing of it is
-    forwarded, and the smuggled request after it is never read."""
+    """The head was fine, the body is not: 400, as nothing was answered yet (the case where
+    the head went ahead is tests/test_forward.py's); the body is held until whole, so
+    nothing of it is forwarded, and the smuggled request after it is never read."""
     head = b"POST /sync/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
     async with (
         wire() as (port, received),
@@ -297,6 +297,9 @@ async def test_a_malformed_chunked_body_cuts_the_request(tmp_path: Path, body: b
     ):
         async with connect(url) as (reader, writer):
             writer.write(head + body + SMUGGLED)
+            response = await read_response(reader)
+            assert response.status == 400
+            assert error_type(response) == "bad_request"
             assert await closed_by_proxy(reader) == b""
         assert received == b""
         assert (proxy.limiter.in_flight, proxy.active) == (0, 0)
@@ -348,34 +351,11 @@ async def test_a_huge_chunk_is_413_as_soon_as_the_limit_is_crossed(tmp_path: Pat
 # -- slow clients --------------------------------------------------------------------------
 
 
-class Connections(set[ClientConnection]):
-    """The proxy's client connections, saying when none is left."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._empty = asyncio.Event()
-        self._empty.set()
-
-    def add(self, connection: ClientConnection) -> None:
-        super().add(connection)
-        self._empty.clear()
-
-    def discard(self, connection: ClientConnection) -> None:
-        super().discard(connection)
-        if not self:
-            self._empty.set()
-
-    async def closed(self) -> None:
-        """Until the proxy has let go of every connection."""
-        async with asyncio.timeout(SAFETY):
-            await self._empty.wait()
-
-
 def limit(proxy: Proxy, **limits: float) -> Connections:
     """Shorter limits for the connections the proxy accepts from now on; their set."""
     proxy.limits = ConnectionLimits(**limits)
-    proxy.connections = connections = Connections()
-    return connections
+    assert isinstance(proxy.connections, Connections)  # in_process_proxy's
+    return proxy.connections
 
 
 TRICKLE = 0.02  # seconds between two bytes: the slow client's pace, what is under test
@@ -433,40 +413,37 @@ async def test_slowloris_heads_time_out_and_do_not_delay_other_clients(tmp_path:
         await connections.closed()
 
 
-async def test_a_stalled_pipelined_head_never_writes_into_the_response_before_it(
+async def test_a_stalled_pipelined_head_is_answered_408_after_the_response_before_it(
     tmp_path: Path,
 ) -> None:
-    """A 408 for the second head would land inside the first request's stream: the
-    connection is cut instead, and the stream's model server request with it."""
-    cancelled = asyncio.Event()
+    """A head that stalls behind a stream is answered in its turn: the stream goes on to its
+    end untouched (a 408 never lands inside it), then the 408, then the close."""
 
     async def stream(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(b"data: first\n\n")
-        try:
-            await asyncio.Event().wait()  # the stream goes on (never ends by itself)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
+        # ok: the model server's next event comes late, after the second head timed out
+        await asyncio.sleep(0.6)
+        await response.write(b"data: last\n\n")
         return response
 
     app = web.Application()
     app.router.add_get("/stream", stream)
     async with (
-        fake_upstream(app, handler_cancellation=True) as port,
+        fake_upstream(app) as port,
         in_process_proxy(tmp_path, port) as (proxy, url),
         asyncio.timeout(SAFETY),
     ):
         limit(proxy, header_timeout=0.3)
         async with connect(url) as (reader, writer):
             writer.write(request("GET", "/sync/stream") + b"GET /sync/next HTTP/1.1\r\nHo")
-            received = await reader.readuntil(b"data: first\n\n")
-            received += await closed_by_proxy(reader)
-        assert received.startswith(b"HTTP/1.1 200 OK\r\n")
-        assert b"408" not in received
-        await cancelled.wait()
-        assert proxy.metrics.requests == {("sync", "GET", 499): 1}
+            received = await closed_by_proxy(reader)
+        first, _, rest = received.partition(b"0\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert first.endswith(b"data: last\n\n\r\n")
+        assert rest.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+        assert proxy.metrics.requests == {("sync", "GET", 200): 1}
 
 
 async def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(
@@ -509,23 +486,33 @@ class SlowBodyUpstream:
         return web.json_response({"gated": True})
 
 
-async def test_a_stalled_body_is_408_and_its_upstream_request_cancelled(tmp_path: Path) -> None:
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "streamed"])
+async def test_a_stalled_body_is_408_and_its_upstream_request_cancelled(
+    tmp_path: Path, buffered: bool
+) -> None:
+    """Held whole first (buffer_request_body_bytes), a stalled body never reaches the model
+    server; streamed, its request there is cancelled. Either way the client gets 408."""
     upstream = SlowBodyUpstream()
+    settings = {} if buffered else {"buffer_request_body_bytes": 0}
     async with (
         fake_upstream(upstream.app, handler_cancellation=True) as port,
-        in_process_proxy(tmp_path, port) as (proxy, url),
+        in_process_proxy(tmp_path, port, proxy=settings) as (proxy, url),
         asyncio.timeout(SAFETY),
     ):
         connections = limit(proxy, body_timeout=0.3)
         async with connect(url) as (reader, writer):
             writer.write(request("POST", "/sync/upload", [("Content-Length", "100")]) + b"x" * 10)
-            await upstream.entered.wait()  # the head and the first bytes went ahead
+            if not buffered:
+                await upstream.entered.wait()  # the head and the first bytes went ahead
             response = await read_response(reader)  # then the body stalls
             assert response.status == 408
             assert error_type(response) == "bad_request"
             assert response.header("connection") == "close"
             assert await closed_by_proxy(reader) == b""
-        await upstream.cancelled.wait()  # the model server saw its request cancelled
+        if buffered:
+            assert not upstream.entered.is_set()
+        else:
+            await upstream.cancelled.wait()  # the model server saw its request cancelled
         assert proxy.metrics.requests == {("sync", "POST", 408): 1}
         assert (proxy.limiter.in_flight, proxy.active) == (0, 0)
         await connections.closed()

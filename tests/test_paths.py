@@ -240,7 +240,7 @@ async def test_no_request_target_reaches_another_server(tmp_path: Path) -> None:
                         assert upstream.targets == [expected]
             # CONNECT asks for a tunnel to another host: refused, and nothing is dialled
             connect = await send(url, f"CONNECT {other} HTTP/1.1\r\nHost: {other}\r\n\r\n".encode())
-            assert connect.status == 400
+            assert connect.status == 405
     finally:
         decoy_server.close()
         await decoy_server.wait_closed()

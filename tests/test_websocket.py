@@ -24,7 +24,14 @@ from websockets.typing import Subprotocol
 
 from proxy.app import Proxy
 
-from .conftest import ECHO_SERVER, fake_upstream, in_process_proxy, run_proxy, write_config
+from .conftest import (
+    ECHO_SERVER,
+    Connections,
+    fake_upstream,
+    in_process_proxy,
+    run_proxy,
+    write_config,
+)
 from .test_metrics import metric_becomes, scrape
 
 LARGE = 20 * 1024 * 1024
@@ -82,7 +89,8 @@ async def no_leftovers(proxy: Proxy, *, keep_alive: int = 0) -> None:
     async with asyncio.timeout(5):
         await proxy.no_tunnels.wait()
     assert proxy.tunnels == set()
-    assert len(proxy.connections) == keep_alive
+    assert isinstance(proxy.connections, Connections)
+    await proxy.connections.until(keep_alive)
     assert (proxy.limiter.in_flight, proxy.limiter.queued) == (0, 0)
     proxy_dir = str(Path(__file__).resolve().parent.parent / "proxy")
     left = [
