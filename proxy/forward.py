@@ -67,6 +67,7 @@ class UpstreamPool:
     def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
+        self.authority = f"{host}:{port}".encode()
         self._idle: list[UpstreamConnection] = []
 
     def take_idle(self) -> UpstreamConnection | None:
@@ -333,7 +334,9 @@ class ProxyExchange:
         self.request_done = False
         self.upstream: UpstreamConnection | None = None
         # framed now: body chunks of a pipelined request arrive before its turn
-        self._upstream_head, self.request_id = upstream_request_head(head, target)
+        self._upstream_head, self.request_id = upstream_request_head(
+            head, target, authority=pool.authority
+        )
         self._chunked_in = head.chunked
         # Expect is not passed on (the body is re-framed), so the proxy invites the body
         # itself when the request's turn comes, as nginx does

@@ -58,9 +58,12 @@ def client_request_id(head: RequestHead) -> bytes:
     return new_request_id()
 
 
-def upstream_request_head(head: RequestHead, target: bytes) -> tuple[bytes, bytes]:
+def upstream_request_head(
+    head: RequestHead, target: bytes, *, authority: bytes
+) -> tuple[bytes, bytes]:
     """The request head to send to the model server, and the request's X-Request-ID. The
-    body's framing is the one framing.decide made; the proxy always re-frames the body."""
+    body's framing is the one framing.decide made; the proxy always re-frames the body.
+    `authority` is the model server's host:port, its Host when the client sent none."""
     headers = head.headers
     websocket = head.websocket
     lowered = [name.lower() for name, _ in headers]
@@ -100,7 +103,9 @@ def upstream_request_head(head: RequestHead, target: bytes) -> tuple[bytes, byte
     parts += (b"X-Forwarded-For: ", forwarded_for + b", " + ip if forwarded_for else ip, b"\r\n")
     if not has_proto:
         parts.append(b"X-Forwarded-Proto: http\r\n")
-    if host is not None and not has_forwarded_host:
+    if host is None:  # an HTTP/1.0 client's: HTTP/1.1 to the model server needs one
+        parts += (b"Host: ", authority, b"\r\n")
+    elif not has_forwarded_host:
         parts += (b"X-Forwarded-Host: ", host, b"\r\n")
     parts += (b"X-Request-ID: ", request_id, b"\r\n")
     if head.chunked:

@@ -156,38 +156,43 @@ class ClientConnection(asyncio.Protocol):
                 self._exchanges[-1].flush()
 
     def _parse(self, data: bytes) -> None:
-        heads_begun, in_head = self._heads_begun, self._in_head
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            return self._upgrade(data[upgrade.args[0] :])
-        except httptools.HttpParserError as error:
-            # a callback's own error (a refused head, too long a line) arrives wrapped
-            cause = error.__context__
-            refusal = cause if isinstance(cause, ProxyError) else None
-            return self._fail(refusal or BadRequest(f"malformed HTTP request: {error}"))
-        if self._in_head and in_head and heads_begun == self._heads_begun:
-            # the whole read belongs to a head still incomplete (httptools holds it until it
-            # is): counted per head, so a pipelined burst is not one big head
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEADERS_TOTAL:
-                self._fail(HeadersTooLarge())
+        while data:
+            heads_begun, in_head = self._heads_begun, self._in_head
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                # parsed on in the loop, not in this handler: an error raised inside it
+                # would lose the refusal it carries (its __context__)
+                data = self._upgrade(data[upgrade.args[0] :])
+                continue
+            except httptools.HttpParserError as error:
+                # a callback's own error (a refused head, too long a line) arrives wrapped
+                cause = error.__context__
+                refusal = cause if isinstance(cause, ProxyError) else None
+                return self._fail(refusal or BadRequest(f"malformed HTTP request: {error}"))
+            if self._in_head and in_head and heads_begun == self._heads_begun:
+                # the whole read belongs to a head still incomplete (httptools holds it
+                # until it is): counted per head, so a pipelined burst is not one big head
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEADERS_TOTAL:
+                    self._fail(HeadersTooLarge())
+            return
 
-    def _upgrade(self, rest: bytes) -> None:
-        """llhttp stopped after an upgrade head (its on_message_complete has run)."""
+    def _upgrade(self, rest: bytes) -> bytes:
+        """llhttp stopped after an upgrade head (its on_message_complete has run); what is
+        left to parse as HTTP."""
         head = self._head
         assert head is not None
         if head.websocket:
             self._tunnel_pending = True
             if rest and self._exchanges:
                 self._exchanges[-1].request_body(rest)  # sent before the 101 came
-            return
+            return b""
         # an Upgrade the proxy ignores (RFC 9110 §7.8): the body, then HTTP/1.1 goes on
         self._parser = httptools.HttpRequestParser(self)
         framing = _body_framing_head(head)
         self._body_only = bool(framing)
-        if framing or rest:
-            self._parse(framing + rest)
+        return framing + rest
 
     def eof_received(self) -> bool | None:
         # A client that closes its side has left, as nginx and Go's net/http take it (a

@@ -84,7 +84,7 @@ def decided(
 def forward(headers: Headers, *, method: bytes = b"POST") -> tuple[bytes, Headers, bytes]:
     """The request line and headers sent to the model server, and the request id."""
     head = decided(method, b"/v1/x?a=1", headers, client_ip="10.0.0.9")
-    sent_head, request_id = upstream_request_head(head, b"/v1/x?a=1")
+    sent_head, request_id = upstream_request_head(head, b"/v1/x?a=1", authority=b"127.0.0.1:8000")
     first, sent = parse_head(sent_head)
     return first, sent, request_id
 
@@ -240,7 +240,7 @@ def test_request_framing(
     decision = decided(b"PUT", b"/", headers)
     assert decision.content_length == length
     assert decision.chunked is chunked
-    head, _ = upstream_request_head(decision, b"/")
+    head, _ = upstream_request_head(decision, b"/", authority=b"127.0.0.1:8000")
     _, sent = parse_head(head)
     lines = [name + b": " + value for name, value in sent]
     framing_lines = [
@@ -362,14 +362,16 @@ def test_request_head_properties(headers: Headers) -> None:
         hosts = [k for k, _ in headers if k.lower() == b"host"]
         assert len(hosts) > 1 or any(k.lower() == b"upgrade" for k, _ in headers)
         return
-    head, request_id = upstream_request_head(decision, b"/x")
+    head, request_id = upstream_request_head(decision, b"/x", authority=b"127.0.0.1:8000")
     _, sent = parse_head(head)
     named = connection_named(headers) - {b"host"}  # Connection cannot remove Host
     # no hop-by-hop header survives (what the proxy writes itself is checked below)
     for name, _ in sent:
         assert name.lower() in PROXY_SET_IN or not dropped(name, named), name
-    # end-to-end headers all survive, in order, untouched
+    # end-to-end headers all survive, in order, untouched (a Host is added when none came)
     kept = [(k, v) for k, v in headers if not dropped(k, named)]
+    if not values(headers, b"host"):
+        kept.append((b"Host", b"127.0.0.1:8000"))
     assert [(k, v) for k, v in sent if k.lower() not in PROXY_SET_IN] == [
         (k, v) for k, v in kept if k.lower() not in PROXY_SET_IN
     ]
@@ -381,7 +383,7 @@ def test_request_head_properties(headers: Headers) -> None:
     assert values(sent, b"x-forwarded-for") == [forwarded_for]
     assert values(sent, b"x-forwarded-proto") == (client(b"x-forwarded-proto") or [b"http"])
     hosts = values(headers, b"host")  # never dropped, whatever Connection names
-    assert values(sent, b"host") == hosts
+    assert values(sent, b"host") == (hosts or [b"127.0.0.1:8000"])
     assert values(sent, b"x-forwarded-host") == (client(b"x-forwarded-host") or hosts)
     request_ids = [v for v in client(b"x-request-id") if v]  # the first valid one counts
     assert values(sent, b"x-request-id") == [request_id]
