@@ -8,7 +8,10 @@
 #   docker build -t my-model .                                      # vLLM (the default base)
 #   docker build -t my-mlserver --build-arg BASE_IMAGE=seldonio/mlserver:1.7.1 \
 #       --build-arg CONFIG=examples/mlserver/config.yaml .
-#   docker run --gpus all -p 8080:8080 -v /path/to/secrets:/secrets:ro my-model
+#   docker run --gpus all -p 8080:8080 -v /path/to/secrets:/secrets:ro --stop-timeout 45 my-model
+#
+# --stop-timeout (or `docker stop -t`) above shutdown_grace_seconds + child_stop_grace_seconds
+# (30 + 10 by default) lets the drain finish before Docker's SIGKILL.
 #
 # The configuration is /app/config.yaml ($MODEL_PROXY_CONFIG): the CONFIG build argument
 # copies one in; mount your own over it (a Kubernetes ConfigMap, `-v ./config.yaml:/app/...`).
