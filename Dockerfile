@@ -8,11 +8,22 @@
 #   docker build -t my-model .                                      # vLLM (the default base)
 #   docker build -t my-mlserver --build-arg BASE_IMAGE=seldonio/mlserver:1.7.1 \
 #       --build-arg CONFIG=examples/mlserver/config.yaml .
-#   docker run --gpus all -p 8080:8080 -v /path/to/secrets:/secrets:ro my-model
+#   docker run --gpus all -p 8080:8080 -v /path/to/secrets:/secrets:ro --stop-timeout 45 my-model
+#
+# --stop-timeout (or `docker stop -t`) above shutdown_grace_seconds + child_stop_grace_seconds
+# (30 + 10 by default) lets the drain finish before Docker's SIGKILL.
 #
 # The configuration is /app/config.yaml ($MODEL_PROXY_CONFIG): the CONFIG build argument
 # copies one in; mount your own over it (a Kubernetes ConfigMap, `-v ./config.yaml:/app/...`).
 # Secrets are never baked in: mount them at /secrets at run time.
+#
+# Behind a firewall or a TLS-intercepting proxy (the README's "Container image" section):
+#   docker build --build-arg PROXY_PYTHON=/usr/bin/python3 \
+#       --secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt .
+# PROXY_PYTHON as a path uses the base image's own Python (>= 3.11) instead of downloading
+# one; the ca-bundle secret is the CA file uv trusts while it installs, mounted for that one
+# step and in no layer of the image. HTTP_PROXY/HTTPS_PROXY/NO_PROXY build arguments reach uv
+# as usual.
 
 # the model server: any image whose start command config.yaml's docker_server runs
 ARG BASE_IMAGE=vllm/vllm-openai:v0.11.0
@@ -25,6 +36,8 @@ FROM ${UV_IMAGE} AS uv
 FROM ${BASE_IMAGE}
 
 ARG CONFIG=examples/vllm/config.yaml
+# a version uv downloads (python-build-standalone, from GitHub), or the path of an interpreter
+# the base image has (>= 3.11), used as it is: nothing to download
 ARG PROXY_PYTHON=3.12
 ARG PROXY_UID=10001
 
@@ -39,8 +52,12 @@ COPY pyproject.toml README.md /tmp/model-proxy-src/
 COPY proxy /tmp/model-proxy-src/proxy
 COPY config /tmp/model-proxy-src/config
 
+# the optional build secret ca-bundle: a CA file for uv's TLS (it trusts its own roots, not
+# the base image's), mounted for this step only; without it the mount is simply absent
 RUN --mount=from=uv,source=/uv,target=/usr/local/bin/uv \
-    UV_PYTHON_INSTALL_DIR="${MODEL_PROXY_HOME}/python" \
+    --mount=type=secret,id=ca-bundle \
+    if [ -f /run/secrets/ca-bundle ]; then export SSL_CERT_FILE=/run/secrets/ca-bundle; fi \
+    && UV_PYTHON_INSTALL_DIR="${MODEL_PROXY_HOME}/python" \
     UV_PYTHON_PREFERENCE=only-managed \
     uv venv --python "${PROXY_PYTHON}" "${MODEL_PROXY_HOME}/venv" \
     && uv pip install --no-cache --compile-bytecode \
