@@ -14,6 +14,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _BUILTIN = frozenset(vars(logging.makeLogRecord({})))
+# proxy.log_level's names
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -36,6 +43,16 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """ISO 8601 in local time with its offset (2026-11-30T12:00:00.123+01:00): a line
+        read from another machine or zone still says when it happened."""
+        local = time.localtime(record.created)
+        offset = abs(local.tm_gmtoff) // 60
+        sign = "-" if local.tm_gmtoff < 0 else "+"
+        return time.strftime("%Y-%m-%dT%H:%M:%S", local) + (
+            f".{int(record.msecs):03d}{sign}{offset // 60:02d}:{offset % 60:02d}"
+        )
 
     def format(self, record: logging.LogRecord) -> str:
         if getattr(record, "preformatted", False):

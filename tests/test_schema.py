@@ -16,8 +16,11 @@ import yaml
 
 from proxy import presets
 from proxy.config import (
+    _DOCKER_KEYS,
     _HEALTH_KEYS,
     _PROXY_KEYS,
+    _RUNTIME_KEYS,
+    _TOP_KEYS,
     DockerServer,
     HealthChecks,
     ProxySettings,
@@ -110,6 +113,10 @@ def test_the_schema_knows_exactly_the_proxy_keys_of_the_loader() -> None:
     assert set(properties("proxy")) == set(_PROXY_KEYS)
     assert set(properties("runtime", "health_checks")) == set(_HEALTH_KEYS)
     assert {f.name for f in dataclasses.fields(DockerServer)} <= set(properties("docker_server"))
+    # Truss's sections too, and every top-level key (the schema lets others through)
+    assert set(properties("docker_server")) == set(_DOCKER_KEYS)
+    assert set(properties("runtime")) == set(_RUNTIME_KEYS)
+    assert set(SCHEMA["properties"]) == set(_TOP_KEYS)
 
 
 def test_the_schema_defaults_are_the_loaders() -> None:
@@ -160,6 +167,10 @@ MINIMAL = {"docker_server": {"start_command": "s", "server_port": 8000, "predict
         {"proxy": {"api_key_secret": "a/b"}},
         {"runtime": {"predict_concurrency": 0}},
         {"runtime": {"health_checks": {"startup_seconds": 5}}},
+        {"runtime": {"predict_concurency": 5}},
+        {"runtime": {"transport": {"kind": "websocket", "ping_every": 5}}},
+        {"docker_server": {**MINIMAL["docker_server"], "readyness_endpoint": "/health"}},
+        {"docker_server": {**MINIMAL["docker_server"], "run_as_user_id": 0}},
         {"docker_server": {**MINIMAL["docker_server"], "predict_endpoint": "predict"}},
         {"docker_server": {**MINIMAL["docker_server"], "readiness_endpoint": "//evil/x"}},
         {"docker_server": {**MINIMAL["docker_server"], "liveness_endpoint": "/h?x=1"}},
