@@ -117,7 +117,7 @@ class Proxy:
             return self._admin(head, conn, path)
         mapped = self.routes.upstream_target(path, query)
         if mapped is None:
-            return LocalExchange.error(conn, head, NotFound())
+            return self._not_found(head, conn)
         route, target = mapped
         self.last_request_at = conn.loop.time()
         rejection = self._rejection(head)
@@ -144,6 +144,16 @@ class Proxy:
             websocket=websocket,
             on_upgrade=self._upgraded,
         )
+
+    def _not_found(self, head: RequestHead, conn: ClientConnection) -> Exchange:
+        """Counted (route "none") and logged: /v1/... instead of /sync/v1/... is the most
+        common first mistake, and its user must be able to see it."""
+        request_id = head.header(b"x-request-id") or new_request_id()
+        method = head.method.decode()
+        self.metrics.not_found(method)
+        self._log_access("none", method, head, 404, request_id, 0.0, 0.0)
+
+        return LocalExchange.error(conn, head, NotFound(), request_id=request_id)
 
     def _rejection(self, head: RequestHead) -> ProxyError | None:
         if self._api_key is not None and not self._authorized(head):
@@ -280,6 +290,18 @@ class Proxy:
             queue_wait=queue_wait,
             rejected=rejected,
         )
+        self._log_access(route, method, head, code, request_id, duration, first_byte)
+
+    def _log_access(
+        self,
+        route: str,
+        method: str,
+        head: RequestHead,
+        code: int,
+        request_id: bytes,
+        duration: float,
+        first_byte: float | None,
+    ) -> None:
         if self.access_log is None:
             return
         path = head.target.partition(b"?")[0].decode("latin-1")  # a query may hold secrets

@@ -106,12 +106,15 @@ class AccessLog:
         _access.info("\n".join(lines), extra={"preformatted": True})
 
 
+_proxy = logging.getLogger("model_proxy")
 _access = logging.getLogger("model_proxy.access")
 
 
 @contextmanager
 def configured(log_format: str, level: int = logging.INFO) -> Iterator[None]:
-    """Route every log record through a queue to a writer thread for the duration."""
+    """Route every log record through a queue to a writer thread for the duration. `level`
+    is the proxy's own messages'; access lines have their own switch (access_log) and the
+    model server's lines are its own business, as nginx's error_log level leaves them be."""
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
@@ -119,12 +122,15 @@ def configured(log_format: str, level: int = logging.INFO) -> Iterator[None]:
     root = logging.getLogger()
     queue_handler = logging.handlers.QueueHandler(records)
     root.addHandler(queue_handler)
-    previous_level = root.level
-    root.setLevel(level)
+    levels = {root: logging.INFO, _proxy: level, _access: logging.INFO}
+    previous = {logger: logger.level for logger in levels}
+    for logger, chosen in levels.items():
+        logger.setLevel(chosen)
     listener.start()
     try:
         yield
     finally:
         listener.stop()
         root.removeHandler(queue_handler)
-        root.setLevel(previous_level)
+        for logger, before in previous.items():
+            logger.setLevel(before)
