@@ -28,7 +28,7 @@ from .logs import AccessLog
 from .metrics import CONTENT_TYPE, Gauges, Metrics
 from .paths import RouteMap, split_target
 from .protocol import ClientConnection, ConnectionLimits, Exchange, LocalExchange, RequestHead
-from .websocket import Tunnel
+from .websocket import Timers, Tunnel
 
 JSON = b"application/json"
 ADMIN_PATHS = (b"/health", b"/ready", b"/metrics")
@@ -82,6 +82,11 @@ class Proxy:
         self.pool = UpstreamPool("127.0.0.1", config.docker_server.server_port)
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[Tunnel] = set()
+        self._tunnel_timers = Timers(
+            idle_timeout=settings.websocket_idle_timeout_seconds,
+            ping_interval=config.transport.ping_interval_seconds,
+            ping_timeout=config.transport.ping_timeout_seconds,
+        )
         self.no_tunnels = asyncio.Event()
         self.no_tunnels.set()
         self.metrics = Metrics(
@@ -230,7 +235,14 @@ class Proxy:
                 self.no_tunnels.set()
             exchange.tunnel_closed()
 
-        tunnel = Tunnel(client, upstream, on_messages=self._count_messages, on_closed=closed)
+        tunnel = Tunnel(
+            client,
+            upstream,
+            on_messages=self._count_messages,
+            on_closed=closed,
+            timers=self._tunnel_timers,
+        )
+
         self.tunnels.add(tunnel)
         self.no_tunnels.clear()
         tunnel.start(from_client, from_upstream)
