@@ -99,6 +99,9 @@ def test_every_example_config_passes_the_schema_and_the_loader(tmp_path: Path, n
 
     assert config.docker_server.start_command
     assert (config.implementation is not None) == ("implementation" in data)
+    # the model server listens on 127.0.0.1 only (the Seldon microservice cannot be told to)
+    if config.implementation != "SELDON_MICROSERVICE":
+        assert "127.0.0.1" in config.docker_server.start_command, name
 
 
 def properties(*path: str) -> dict[str, Any]:
