@@ -24,6 +24,7 @@ from proxy.config import (
     DockerServer,
     HealthChecks,
     ProxySettings,
+    Transport,
     load_config,
 )
 from proxy.errors import ConfigError
@@ -285,3 +286,27 @@ async def test_the_dashboard_queries_exactly_the_proxys_metrics(tmp_path: Path) 
     assert {
         family for family, kind in families.items() if sample_names(family, kind) & used
     } == set(families)
+
+
+def test_the_readme_documents_every_key_the_proxy_reads() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("Every key the proxy reads, with its default:")[1].split("\n\n")[1]
+    documented = {
+        key
+        for row in section.splitlines()[2:]
+        for key in re.findall(r"`([a-z_.]+)`", row.split("|")[1])
+    }
+    sections: dict[str, Any] = {
+        "docker_server": DockerServer,
+        "runtime.health_checks": HealthChecks,
+        "runtime.transport": Transport,
+        "proxy": ProxySettings,
+    }
+    read = {
+        f"{prefix}.{field.name}"
+        for prefix, settings in sections.items()
+        for field in dataclasses.fields(settings)
+    }
+    read |= {"model_name", "implementation", "model_uri", "preset_args", "environment_variables"}
+    read |= {"secrets", "runtime.predict_concurrency", "runtime.enable_debug_logs"}
+    assert read <= documented, read - documented
