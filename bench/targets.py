@@ -161,8 +161,17 @@ class ModelProxy:
             log = self.workdir / f"model-proxy-{backend}.log"
             self.services[backend] = start_model_proxy(config, f"model-proxy ({backend})", log)
             self.ports[backend] = port
+        # its port check is done once it has started its child: then the backends may start
+        deadline = time.monotonic() + READY_TIMEOUT
+        for service in self.services.values():
+            while "started the model server" not in service.log.read_text(errors="replace"):
+                service.check_alive()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{service.name} did not start; see {service.log}")
+                time.sleep(0.01)
 
     def wait(self) -> None:
+
         for backend, service in self.services.items():
             wait_ready(service, self.ports[backend])
 
