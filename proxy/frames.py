@@ -21,6 +21,7 @@ class FrameReader:
         "_header_passed",
         "_held",
         "_pong",
+        "_pongs_due",
         "_remaining",
         "data_seen",
         "heard",
@@ -37,7 +38,8 @@ class FrameReader:
         self.heard = False  # any bytes at all
         # while our pong may come: feed_watching() instead of feed()
         self.watching = False
-        self._pong: bytes | None = None  # the payload of our ping's pong
+        self._pong: bytes | None = None  # the payload of our pings' pongs
+        self._pongs_due = 0  # our pings not answered yet (more than one without a timeout)
         self._held: bytearray | None = None  # a pong frame held back until it is whole
         self._header_passed = False  # the split header's first bytes were passed on
 
@@ -46,8 +48,10 @@ class FrameReader:
         return self._remaining == 0 and not self._header
 
     def expect_pong(self, payload: bytes) -> None:
-        """From now on, a pong with this payload is ours: cut out and reported."""
+        """One more ping of ours awaits its pong: a pong with this payload (the same for every
+        ping) is ours, cut out and reported, as many times as pings were sent."""
         self._pong = payload
+        self._pongs_due += 1
         self.watching = True
 
     def feed(self, data: bytes) -> int:
@@ -147,7 +151,9 @@ class FrameReader:
             mask = frame[header_size - 4 : header_size]
             payload = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
         if payload == self._pong:
-            self._pong = None
+            self._pongs_due -= 1
+            if not self._pongs_due:
+                self._pong = None
             return True
         out += frame
         return False

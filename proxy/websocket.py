@@ -18,6 +18,7 @@ UPSTREAM_TO_CLIENT = "upstream_to_client"
 GOING_AWAY = 1001
 CLOSE_LINGER = 2.0  # how long peers may take to answer our close frame
 IDLE_CHECKS = 4  # idle checks per idle timeout: one is closed within a quarter more of it
+KEEPALIVE = b"model-proxy keepalive"  # every ping's payload: any pong with it is ours
 _SLACK = 0.001  # a timer may wake this much early (the loop's clock ticks in milliseconds)
 
 log = logging.getLogger("model_proxy")
@@ -144,7 +145,6 @@ class Tunnel:
         self._next_idle_check = now + (timers.idle_timeout or 0) / IDLE_CHECKS
         self._next_ping = now + (timers.ping_interval or 0)
         self._ping_sent_at: float | None = None
-        self._pings = 0
         client.set_protocol(self._client)
         upstream.set_protocol(self._upstream)
 
@@ -246,7 +246,5 @@ class Tunnel:
     def _ping(self) -> None:
         """A ping to the client, sent at the next frame boundary toward it; its pong is
         taken out of the stream to the model server (which never pinged)."""
-        self._pings += 1
-        payload = b"model-proxy %d" % self._pings
-        self._client.frames.expect_pong(payload)
-        self._client.queue_ping(control_frame(PING, payload, masked=False))
+        self._client.frames.expect_pong(KEEPALIVE)
+        self._client.queue_ping(control_frame(PING, KEEPALIVE, masked=False))

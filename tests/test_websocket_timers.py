@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.frames import FrameReader, control_frame
-from proxy.websocket import IDLE_CHECKS
+from proxy.websocket import IDLE_CHECKS, KEEPALIVE
 
 from .conftest import fake_upstream, in_process_proxy
 from .test_websocket import Recorder, no_leftovers
@@ -50,7 +50,7 @@ async def test_an_idle_client_is_pinged_and_its_pong_never_reaches_the_model_ser
         session.ws_connect(url + "/sync/ws", autoping=False) as ws,
     ):
         ping = await next_message(ws)
-        assert (ping.type, ping.data) == (WSMsgType.PING, b"model-proxy 1")
+        assert (ping.type, ping.data) == (WSMsgType.PING, KEEPALIVE)
         await ws.pong(ping.data)
         # the model server's own ping and its pong pass as ever
         await ws.send_str("ping-me")
@@ -226,3 +226,17 @@ def test_a_pong_split_anywhere_is_still_recognised(split: int) -> None:
     )
     assert messages + more == 1
     assert not reader.watching
+
+
+def test_as_many_pongs_are_cut_out_as_pings_await_them() -> None:
+    # without ping_timeout_seconds a silent client gets a ping every interval: each one's
+    # pong is ours, whenever it comes; one more is the client's own, for the model server
+    reader = FrameReader()
+    reader.expect_pong(OURS)
+    reader.expect_pong(OURS)
+    pong = client_frame(0xA, OURS)
+
+    _, out, answered = reader.feed_watching(pong + pong)
+    assert (out, answered, reader.watching) == (b"", True, False)
+    extra = client_frame(0xA, OURS)
+    assert reader.feed(extra) == 0  # back on the fast path: passed as it is
