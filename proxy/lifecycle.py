@@ -27,6 +27,8 @@ PORT_CHECK_INTERVAL = 0.05  # waiting for a stopped server's port to free, befor
 # exit means the command itself is wrong (later, it is the server's own exit code)
 CANNOT_RUN = {126: "found but not executable", 127: "not found"}
 CANNOT_RUN_WITHIN = 10.0
+NO_PROBE_YET = "nothing yet (no probe has finished)"
+
 
 
 class ModelServer:
@@ -58,7 +60,7 @@ class ModelServer:
         self.ever_ready = False  # a child became ready since the proxy started
         self._ready = False  # the child's readiness as last decided
         self._was_ready = False  # the child has been ready since its start
-        self._last_probe = "no probe has answered yet"
+        self._last_probe = NO_PROBE_YET
         server = config.docker_server
         base = f"http://127.0.0.1:{server.server_port}"
         timeout = min(PROBE_TIMEOUT, max(config.proxy.probe_interval_seconds, 0.1))
@@ -101,14 +103,19 @@ class ModelServer:
                 return 1
             if self.stopping:
                 return 0
-            child = spawn(
-                server.start_command,
-                env,
-                reaper=self._reaper,
-                on_line=_child_line,
-                user=server.run_as_user_id,
-            )
+            try:
+                child = spawn(
+                    server.start_command,
+                    env,
+                    reaper=self._reaper,
+                    on_line=_child_line,
+                    user=server.run_as_user_id,
+                )
+            except OSError as exc:  # no /bin/sh, or the user switch refused
+                log.error("cannot start the model server: %s", exc)
+                return 1
             self.child = child
+            self._last_probe = NO_PROBE_YET
             self._on_phase("starting", child.pid)
             log.info("started the model server (pid %d): %s", child.pid, server.start_command)
             progress = asyncio.create_task(self._report_progress(child))
