@@ -35,16 +35,23 @@ def python_backend_argv(port: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "bench.model_server", "--port", str(port), *extra]
 
 
-def start(workdir: Path) -> Backends:
+def pick_ports() -> dict[str, int]:
+    """The backends' ports, chosen before they start (model-proxy must start first)."""
+    return {"static": free_port(), "python": free_port()}
+
+
+def start(workdir: Path, ports: dict[str, int] | None = None) -> Backends:
+    ports = ports or pick_ports()
     root = workdir.parent / "static"  # the 10 MiB file is made once, for every run
     (root / "files").mkdir(parents=True, exist_ok=True)
     download = root / DOWNLOAD_PATH.lstrip("/")
     if not download.exists() or download.stat().st_size != TRANSFER_BYTES:
         download.write_bytes(bytes(range(256)) * (TRANSFER_BYTES // 256))
-    static, static_port = nginx.static_backend(workdir / "nginx-backend", root)
+    static, static_port = nginx.static_backend(workdir / "nginx-backend", root, ports["static"])
     static.start()
 
-    python_port = free_port()
+    python_port = ports["python"]
+
     python = Service.start(
         "python-backend",
         python_backend_argv(python_port),

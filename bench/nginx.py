@@ -167,10 +167,11 @@ class Nginx:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def static_backend(directory: Path, root: Path) -> tuple[Nginx, int]:
+def static_backend(directory: Path, root: Path, port: int | None = None) -> tuple[Nginx, int]:
     """The static backend: a small JSON answer to POST /predict, `root`/files/* under
     /files/, and /upload that reads the whole body and answers."""
-    port = free_port()
+    port = port or free_port()
+
     http = _STATIC_BACKEND.format(port=port, response=SMALL_RESPONSE, root=root, max_body=MAX_BODY)
     return Nginx("nginx-backend", directory, http, [port]), port
 

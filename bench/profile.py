@@ -20,7 +20,7 @@ from . import install
 from .loadgen import wrk
 from .loadgen.stats import Measurement
 from .procs import LOADGEN_CPU, pinned
-from .targets import ModelProxy
+from .targets import launch_model_proxy
 
 BENCH = Path(__file__).resolve().parent
 TOP = 30
@@ -95,11 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     svg, raw = args.output / "flamegraph.svg", args.output / "stacks.txt"
     with ExitStack() as cleanup:
-        servers = backend_servers.start(workdir)
+        ports = backend_servers.pick_ports()
+        proxy = launch_model_proxy(workdir, ports, cleanup)  # before its backends: see there
+        servers = backend_servers.start(workdir, ports)
         cleanup.callback(servers.stop)
-        proxy = ModelProxy(workdir, servers)
-        cleanup.callback(proxy.stop)
-        proxy.start()
+        proxy.wait()
         pid, port = proxy.pids(args.backend)[0], proxy.port(args.backend)
         path = proxy.path("/predict")
 

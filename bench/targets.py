@@ -140,16 +140,20 @@ def wait_ready(service: Service, port: int, timeout: float = READY_TIMEOUT) -> N
 
 @dataclass
 class ModelProxy:
-    """One model-proxy process per backend (a config has one server_port)."""
+    """One model-proxy process per backend (a config has one server_port).
+
+    model-proxy refuses a server_port that something already listens on (that would not be
+    its child). Here the backends are shared with the other targets and are not its
+    children, so `launch()` runs before the backends start, and `wait()` once they have."""
 
     workdir: Path
-    backends: Backends
+    backend_ports: dict[str, int]
     name: str = "model-proxy"
     services: dict[str, Service] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
-    def start(self) -> None:
-        for backend, server_port in self.backends.ports.items():
+    def launch(self) -> None:
+        for backend, server_port in self.backend_ports.items():
             port = free_port()
             config = model_proxy_config(
                 self.workdir, name=f"model-proxy-{backend}", port=port, server_port=server_port
@@ -157,6 +161,17 @@ class ModelProxy:
             log = self.workdir / f"model-proxy-{backend}.log"
             self.services[backend] = start_model_proxy(config, f"model-proxy ({backend})", log)
             self.ports[backend] = port
+        # its port check is done once it has started its child: then the backends may start
+        deadline = time.monotonic() + READY_TIMEOUT
+        for service in self.services.values():
+            while "started the model server" not in service.log.read_text(errors="replace"):
+                service.check_alive()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{service.name} did not start; see {service.log}")
+                time.sleep(0.01)
+
+    def wait(self) -> None:
+
         for backend, service in self.services.items():
             wait_ready(service, self.ports[backend])
 
@@ -176,9 +191,14 @@ class ModelProxy:
 
 
 def start_all(
-    workdir: Path, backends: Backends, names: Sequence[str], cleanup: ExitStack
+    workdir: Path,
+    backends: Backends,
+    names: Sequence[str],
+    cleanup: ExitStack,
+    model_proxy: ModelProxy | None = None,
 ) -> list[Target]:
-    """Start the named targets; each is stopped by `cleanup`, even one that failed to start."""
+    """Start the named targets; each is stopped by `cleanup`, even one that failed to start.
+    model-proxy must have been launched before the backends (`launch_model_proxy`)."""
     targets: list[Target] = []
     for name in names:
         target: Target
@@ -191,10 +211,22 @@ def start_all(
             cleanup.callback(target.stop)
             server.start()
         elif name == "model-proxy":
-            target = ModelProxy(workdir, backends)
-            cleanup.callback(target.stop)
-            target.start()
+            if model_proxy is None:
+                raise ValueError("model-proxy must be launched before the backends start")
+            target = model_proxy
+            target.wait()
+
         else:
             raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGET_NAMES)}")
         targets.append(target)
     return targets
+
+
+def launch_model_proxy(
+    workdir: Path, backend_ports: dict[str, int], cleanup: ExitStack
+) -> ModelProxy:
+    """model-proxy's processes, started before the backends (see ModelProxy)."""
+    proxy = ModelProxy(workdir, backend_ports)
+    cleanup.callback(proxy.stop)
+    proxy.launch()
+    return proxy

@@ -30,7 +30,7 @@ from .logs import AccessLog
 from .metrics import CONTENT_TYPE, Gauges, Metrics
 from .paths import RouteMap, split_target
 from .protocol import ClientConnection, ConnectionLimits, Exchange
-from .websocket import Tunnel
+from .websocket import Timers, Tunnel
 
 JSON = b"application/json"
 ADMIN_PATHS = (b"/health", b"/ready", b"/metrics")
@@ -89,6 +89,11 @@ class Proxy:
         self.pool = UpstreamPool("127.0.0.1", config.docker_server.server_port)
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[Tunnel] = set()
+        self._tunnel_timers = Timers(
+            idle_timeout=settings.websocket_idle_timeout_seconds,
+            ping_interval=config.transport.ping_interval_seconds,
+            ping_timeout=config.transport.ping_timeout_seconds,
+        )
         self.no_tunnels = asyncio.Event()
         self.no_tunnels.set()
         self.metrics = Metrics(
@@ -124,7 +129,7 @@ class Proxy:
             return self._admin(head, conn, path)
         mapped = self.routes.upstream_target(path, query)
         if mapped is None:
-            return LocalExchange.error(conn, head, NotFound())
+            return self._not_found(head, conn)
         route, target = mapped
         self.last_request_at = conn.loop.time()
         rejection = self._rejection(head)
@@ -150,6 +155,16 @@ class Proxy:
             request_timeout=settings.request_timeout_seconds,
             on_upgrade=self._upgraded,
         )
+
+    def _not_found(self, head: RequestHead, conn: ClientConnection) -> Exchange:
+        """Counted (route "none") and logged: /v1/... instead of /sync/v1/... is the most
+        common first mistake, and its user must be able to see it."""
+        request_id = client_request_id(head)
+        method = head.method.decode()
+        self.metrics.not_found(method)
+        self._log_access("none", method, head, 404, request_id, 0.0, 0.0)
+
+        return LocalExchange.error(conn, head, NotFound(), request_id=request_id)
 
     def _rejection(self, head: RequestHead) -> ProxyError | None:
         if self._api_key is not None and not self._authorized(head):
@@ -227,7 +242,14 @@ class Proxy:
                 self.no_tunnels.set()
             exchange.tunnel_closed()
 
-        tunnel = Tunnel(client, upstream, on_messages=self._count_messages, on_closed=closed)
+        tunnel = Tunnel(
+            client,
+            upstream,
+            on_messages=self._count_messages,
+            on_closed=closed,
+            timers=self._tunnel_timers,
+        )
+
         self.tunnels.add(tunnel)
         self.no_tunnels.clear()
         tunnel.start(from_client, from_upstream)
@@ -291,6 +313,18 @@ class Proxy:
             queue_wait=queue_wait,
             rejected=rejected,
         )
+        self._log_access(route, method, head, code, request_id, duration, first_byte)
+
+    def _log_access(
+        self,
+        route: str,
+        method: str,
+        head: RequestHead,
+        code: int,
+        request_id: bytes,
+        duration: float,
+        first_byte: float | None,
+    ) -> None:
         if self.access_log is None:
             return
         path = head.target.partition(b"?")[0].decode("latin-1")  # a query may hold secrets

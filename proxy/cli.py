@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import uvloop
@@ -16,6 +18,16 @@ from .errors import ConfigError
 from .server import serve
 
 EXIT_BAD_CONFIG = 2
+EXIT_USAGE = 2  # argparse's own code for a command line it cannot use
+
+log = logging.getLogger("model_proxy")
+
+
+def version() -> str:
+    try:
+        return metadata.version("model-proxy")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="model-proxy",
         description="A sidecar that runs a model server and proxies traffic to it.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"model-proxy {version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     default_config = os.environ.get("MODEL_PROXY_CONFIG", "config.yaml")
     run = commands.add_parser("run", help="start the model server and serve traffic")
     check = commands.add_parser("check", help="validate a config and print it resolved")
@@ -45,7 +58,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # `model-proxy` alone: what can it do?
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     if args.command == "presets":
         return _presets(args.name, args.file)
     try:
@@ -58,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     if args.command == "check":
+        for note in config.notes:
+            print(f"note: {note}", file=sys.stderr)
         sys.stdout.write(render_config(config))
         return 0
     return _run(config)
@@ -82,8 +101,11 @@ def _presets(name: str | None, file: Path | None) -> int:
 
 
 def _run(config: Config) -> int:
+    settings = config.proxy
     with (
-        logs.configured(config.proxy.log_format),
+        logs.configured(settings.log_format, logs.LEVELS[settings.log_level]),
         asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
     ):
+        for note in config.notes:
+            log.info("note: %s", note)
         return runner.run(serve(config))

@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeGuard, TypeVar
 
 import yaml
 
-from proxy import presets
+from proxy import presets, truss
 from proxy.errors import ConfigError
 
 RestartPolicy = Literal["always", "never"]
@@ -40,6 +40,7 @@ class DockerServer:
     predict_endpoint: str
     readiness_endpoint: str | None = None
     liveness_endpoint: str | None = None
+    run_as_user_id: int | None = None  # the model server runs as this uid (the proxy as root)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,6 +111,8 @@ class Config:
     # the server preset docker_server was expanded from, if any (canonical name)
     implementation: str | None = None
     model_uri: str | None = None
+    # what a user should know about keys that were accepted but do nothing (`check` shows it)
+    notes: tuple[str, ...] = ()
 
     @property
     def grpc_port(self) -> int | None:
@@ -121,8 +124,15 @@ class Config:
 
 _PROXY_KEYS = tuple(f.name for f in fields(ProxySettings))
 # Truss's restart_check_delay_seconds is accepted and checked, but has no use here
-_HEALTH_KEYS = (*(f.name for f in fields(HealthChecks)), "restart_check_delay_seconds")
+_HEALTH_KEYS = (*(f.name for f in fields(HealthChecks)), *truss.HEALTH_CHECKS)
 _TRANSPORT_KEYS = tuple(f.name for f in fields(Transport))
+_DOCKER_KEYS = (*(f.name for f in fields(DockerServer)), *truss.DOCKER_SERVER)
+_RUNTIME_KEYS = (
+    "predict_concurrency", "health_checks", "transport", "enable_debug_logs", *truss.RUNTIME
+)  # fmt: skip
+_READ_KEYS = ("model_name", "docker_server", "runtime", "environment_variables", "secrets")
+_PRESET_KEYS = ("implementation", "model_uri", "preset_args")
+_TOP_KEYS = (*_READ_KEYS, *_PRESET_KEYS, "proxy", *truss.TOP_LEVEL)
 
 
 def load_config(path: Path, *, host: str | None = None, port: int | None = None) -> Config:
@@ -133,6 +143,7 @@ def load_config(path: Path, *, host: str | None = None, port: int | None = None)
     """
     data = _read_yaml(path)
     problems: list[str] = []
+    notes = _top_level_keys(data, problems)
     top = _Section(data, "", problems)
     model_name = top.text("model_name") or None
     raw_proxy = data.get("proxy")
@@ -144,12 +155,19 @@ def load_config(path: Path, *, host: str | None = None, port: int | None = None)
     proxy_section = _Section(raw_proxy, "proxy", proxy_problems, known=_PROXY_KEYS)
     presets_file = _presets_file(proxy_section, path.parent)
     implementation, model_uri, docker = _docker_from_preset(top, model_name, presets_file)
-    runtime = top.child("runtime")
+    runtime = top.child("runtime", known=_RUNTIME_KEYS)
     concurrency = runtime.integer("predict_concurrency", 1, low=1)
-    health = _health_checks(runtime.child("health_checks", known=_HEALTH_KEYS))
+    health_section = runtime.child("health_checks", known=_HEALTH_KEYS)
+    health = _health_checks(health_section)
     transport = _transport(runtime.child("transport", known=_TRANSPORT_KEYS))
     debug = runtime.boolean("enable_debug_logs", False)
-    environment = _environment(top.child("environment_variables"))
+    raw_docker = data.get("docker_server")
+    notes += truss.unused(
+        raw_docker if isinstance(raw_docker, Mapping) else {}, truss.DOCKER_SERVER, "docker_server."
+    )
+    notes += truss.unused(runtime.data, truss.RUNTIME, "runtime.")
+    notes += truss.unused(health_section.data, truss.HEALTH_CHECKS, "runtime.health_checks.")
+    environment = _environment(top.child("environment_variables"), notes)
     secrets = _secret_names(data.get("secrets"), problems)
 
     proxy = _proxy_settings(proxy_section, concurrency, presets_file, debug=debug)
@@ -189,6 +207,7 @@ def load_config(path: Path, *, host: str | None = None, port: int | None = None)
         secrets=secrets,
         implementation=implementation,
         model_uri=model_uri,
+        notes=tuple(notes),
     )
 
 
@@ -218,6 +237,21 @@ def read_secret(config: Config, name: str) -> str:
         return _load_secret(config.proxy.secrets_dir, name)
     except ValueError as exc:
         raise ConfigError([f"secrets.{name}: {exc}"]) from exc
+
+
+def _top_level_keys(data: Mapping[Any, Any], problems: list[str]) -> list[str]:
+    """Reports a key one typo away from a known one (`runtim`); the notes on the others that
+    do nothing: Truss's keys model-proxy does not use, and keys neither knows."""
+    notes = truss.unused(data, truss.TOP_LEVEL, "")
+    for key, value in data.items():
+        name = str(key)
+        if name in _TOP_KEYS:
+            continue
+        if close := truss.typo_of(name, _TOP_KEYS):
+            problems.append(f"{name}: unknown key; did you mean {close}? (got {_show(value)})")
+        else:
+            notes.append(f"{name}: not a key of model-proxy or Truss: ignored")
+    return notes
 
 
 def _read_yaml(path: Path) -> Mapping[Any, Any]:
@@ -267,14 +301,14 @@ def _docker_from_preset(
             top.fail(
                 "preset_args", "need implementation: the server preset they are for", args.data
             )
-        return None, None, _docker_server(top.child("docker_server"))
+        return None, None, _docker_server(top.child("docker_server", known=_DOCKER_KEYS))
     preset = registry and presets.find(registry, implementation)
     if registry is not None and preset is None:
         top.problems.append(f"implementation: {presets.unknown_preset(registry, implementation)}")
     if not preset or not isinstance(raw, Mapping | None):
         # said already (or said by _Section): check what the user wrote, without reporting
         # the keys the preset would have filled as missing
-        section = _Section(raw, "docker_server", top.problems)
+        section = _Section(raw, "docker_server", top.problems, known=_DOCKER_KEYS)
         return None, None, _docker_server(section, complete=False)
     expanded, problems = presets.expand(
         preset,
@@ -284,7 +318,9 @@ def _docker_from_preset(
         preset_args=args.data,
     )
     top.problems.extend(problems)
-    section = _Section(expanded if not problems else raw, "docker_server", top.problems)
+    section = _Section(
+        expanded if not problems else raw, "docker_server", top.problems, known=_DOCKER_KEYS
+    )
     return preset.name, model_uri, _docker_server(section, complete=not problems)
 
 
@@ -296,6 +332,8 @@ def _docker_server(section: _Section, *, complete: bool = True) -> DockerServer:
         predict_endpoint=section.endpoint("predict_endpoint", required=complete, query=True),
         readiness_endpoint=section.endpoint("readiness_endpoint") or None,
         liveness_endpoint=section.endpoint("liveness_endpoint") or None,
+        # Truss refuses 0 too: running as root is what happens without the key
+        run_as_user_id=section.integer("run_as_user_id", 0, low=1) or None,
     )
 
 
@@ -391,7 +429,7 @@ def _proxy_settings(
     )
 
 
-def _environment(section: _Section) -> dict[str, str]:
+def _environment(section: _Section, notes: list[str]) -> dict[str, str]:
     environment: dict[str, str] = {}
     for name, value in section.data.items():
         if not isinstance(name, str) or not name or "=" in name or "\0" in name:
@@ -400,7 +438,10 @@ def _environment(section: _Section) -> dict[str, str]:
                 f" (got {_show(name)})"
             )
         elif value is None:  # Truss allows `KEY: null`: nothing to set
-            continue
+            notes.append(
+                f"environment_variables.{name}: null, so not set (a secret belongs under"
+                " secrets:, as a file in proxy.secrets_dir)"
+            )
         elif isinstance(value, bool):  # YAML's true/false, as the shell would spell them
             environment[name] = "true" if value else "false"
         elif isinstance(value, str | int | float) and "\0" not in str(value):
@@ -434,7 +475,10 @@ def _missing_secret(file: Path) -> str | None:
         return None
     if file.exists():
         return f"secret file {file} is not a regular file"
-    return f"secret file {file} is missing (create it or remove the key)"
+    return (
+        f"secret file {file} is missing (create it, set proxy.secrets_dir to the directory"
+        " that holds it, or remove the key)"
+    )
 
 
 def _load_secret(secrets_dir: Path, name: str) -> str:

@@ -14,6 +14,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _BUILTIN = frozenset(vars(logging.makeLogRecord({})))
+# proxy.log_level's names
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -36,6 +43,16 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """ISO 8601 in local time with its offset (2026-11-30T12:00:00.123+01:00): a line
+        read from another machine or zone still says when it happened."""
+        local = time.localtime(record.created)
+        offset = abs(local.tm_gmtoff) // 60
+        sign = "-" if local.tm_gmtoff < 0 else "+"
+        return time.strftime("%Y-%m-%dT%H:%M:%S", local) + (
+            f".{int(record.msecs):03d}{sign}{offset // 60:02d}:{offset % 60:02d}"
+        )
 
     def format(self, record: logging.LogRecord) -> str:
         if getattr(record, "preformatted", False):
@@ -89,12 +106,15 @@ class AccessLog:
         _access.info("\n".join(lines), extra={"preformatted": True})
 
 
+_proxy = logging.getLogger("model_proxy")
 _access = logging.getLogger("model_proxy.access")
 
 
 @contextmanager
 def configured(log_format: str, level: int = logging.INFO) -> Iterator[None]:
-    """Route every log record through a queue to a writer thread for the duration."""
+    """Route every log record through a queue to a writer thread for the duration. `level`
+    is the proxy's own messages'; access lines have their own switch (access_log) and the
+    model server's lines are its own business, as nginx's error_log level leaves them be."""
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
@@ -102,12 +122,15 @@ def configured(log_format: str, level: int = logging.INFO) -> Iterator[None]:
     root = logging.getLogger()
     queue_handler = logging.handlers.QueueHandler(records)
     root.addHandler(queue_handler)
-    previous_level = root.level
-    root.setLevel(level)
+    levels = {root: logging.INFO, _proxy: level, _access: logging.INFO}
+    previous = {logger: logger.level for logger in levels}
+    for logger, chosen in levels.items():
+        logger.setLevel(chosen)
     listener.start()
     try:
         yield
     finally:
         listener.stop()
         root.removeHandler(queue_handler)
-        root.setLevel(previous_level)
+        for logger, before in previous.items():
+            logger.setLevel(before)

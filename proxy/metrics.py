@@ -100,7 +100,13 @@ class Metrics(Collector):
         if rejected is not None:
             self.rejected[rejected] = self.rejected.get(rejected, 0) + 1
 
+    def not_found(self, method: str) -> None:
+        """The proxy's own 404, counted as route "none" (and in no latency histogram)."""
+        key = ("none", method, 404)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
     def render(self) -> bytes:
+
         return generate_latest(self._registry)
 
     def collect(self) -> Iterator[Metric]:

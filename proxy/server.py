@@ -133,9 +133,15 @@ async def _drain(
     model.stopping = True  # an exit from now on is not restarted
     proxy.last_request_at = max(proxy.last_request_at, signals.received_at)
     started = time.monotonic()
+    # the quiet period lets load balancers catch up with /ready's 503; a server never ready
+    # was in no endpoint list, so nothing is on its way
+    quiet = settings.drain_quiet_seconds if model.ever_ready else 0.0
+    if not model.ever_ready:
+        log.info("the model server was never ready: no quiet period")
 
     while not signals.force.is_set():
-        quiet_until = min(proxy.last_request_at + settings.drain_quiet_seconds, deadline)
+        quiet_until = min(proxy.last_request_at + quiet, deadline)
+
         if quiet_until <= loop.time():
             break
         await _until(signals.force.wait(), quiet_until - loop.time())

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import pwd
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -16,8 +18,6 @@ from typing import Any
 MAX_LINE_BYTES = 64 * 1024
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
-# Python ignores these; a child must start with the defaults, as with subprocess.
-_RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 OnLine = Callable[[str, str], None]
 _SignalHandler = Callable[[int, FrameType | None], Any] | int
@@ -228,30 +228,38 @@ class ChildProcess:
         return True
 
 
-def spawn(command: str, env: Mapping[str, str], *, reaper: Reaper, on_line: OnLine) -> ChildProcess:
-    """Start `sh -c command` in a new session with exactly `env`; lines go to `on_line`."""
+def spawn(
+    command: str,
+    env: Mapping[str, str],
+    *,
+    reaper: Reaper,
+    on_line: OnLine,
+    user: int | None = None,
+) -> ChildProcess:
+    """Start `sh -c command` in a new session with exactly `env`, as `user` if given (the
+    caller must be root to switch); lines go to `on_line`."""
     loop = asyncio.get_running_loop()
     if not reaper.installed:
         raise RuntimeError("Reaper.install() must be called before spawning")
+    group, groups = _groups_of(user) if user is not None else (None, None)
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
     try:
-        # posix_spawn, not asyncio's subprocess: the Reaper alone must own SIGCHLD and
-        # waitpid, which uvloop's libuv child handling would fight over.
-        pid = os.posix_spawn(
-            "/bin/sh",
+        # subprocess's fork_exec, not asyncio's subprocess: the Reaper alone must own
+        # SIGCHLD and waitpid, which uvloop's libuv child handling would fight over. It also
+        # switches user and groups in the child, between fork and exec.
+        process = subprocess.Popen(
             ["sh", "-c", command],
-            dict(env),
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, out_write, 1),
-                (os.POSIX_SPAWN_DUP2, err_write, 2),
-                (os.POSIX_SPAWN_CLOSE, out_read),
-                (os.POSIX_SPAWN_CLOSE, err_read),
-            ],
-            setsid=True,
-            setsigmask=(),
-            setsigdef=_RESTORED_SIGNALS,
+            executable="/bin/sh",
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=out_write,
+            stderr=err_write,
+            start_new_session=True,
+            restore_signals=True,  # SIGPIPE and SIGXFSZ, which Python ignores, to defaults
+            user=user,
+            group=group,
+            extra_groups=groups,
         )
     except BaseException:
         for fd in (out_read, err_read):
@@ -261,12 +269,26 @@ def spawn(command: str, env: Mapping[str, str], *, reaper: Reaper, on_line: OnLi
         # Only the child may hold the write ends, or the pipes never reach EOF.
         for fd in (out_write, err_write):
             os.close(fd)
+    # The Reaper waits for it: with an exit status, the Popen object never calls waitpid
+    # (which would take the status from the Reaper) and never warns when collected.
+    process.returncode = 0
+    pid = process.pid
     exited, gone = reaper.track(pid)
     readers = [
         _read_lines(loop, "stdout", out_read, on_line),
         _read_lines(loop, "stderr", err_read, on_line),
     ]
     return ChildProcess(pid, exited, gone, readers)
+
+
+def _groups_of(user: int) -> tuple[int, list[int]]:
+    """The primary and supplementary groups `user` gets, as `docker run --user` gives them:
+    from /etc/passwd and /etc/group when the user is there, else group 0 alone."""
+    try:
+        entry = pwd.getpwuid(user)
+    except KeyError:
+        return 0, []
+    return entry.pw_gid, os.getgrouplist(entry.pw_name, entry.pw_gid)
 
 
 def _read_lines(
@@ -286,12 +308,21 @@ def _read_lines(
 class RestartBackoff:
     """Delays between restarts (doubling, capped) and the give-up rule; pure bookkeeping."""
 
-    def __init__(self, initial: float = 1.0, maximum: float = 30.0, give_up_after: int = 5) -> None:
+    def __init__(
+        self,
+        initial: float = 1.0,
+        maximum: float = 30.0,
+        give_up_after: int = 5,
+        reset_after: float = 60.0,
+    ) -> None:
         if initial <= 0 or maximum < initial or give_up_after < 1:
             raise ValueError("need 0 < initial <= maximum and give_up_after >= 1")
         self.initial = initial
         self.maximum = maximum
         self.give_up_after = give_up_after
+        # a child that stays ready this long was healthy: its exit starts the delays afresh
+        # (sooner, a server that crashes a while after each start would restart in a tight loop)
+        self.reset_after = reset_after
         self._delay = initial
         self._exits_never_ready = 0
 
@@ -300,12 +331,13 @@ class RestartBackoff:
         self._delay = min(self._delay * 2, self.maximum)
         return delay
 
-    def record_exit(self, ever_ready: bool) -> bool:
-        """Count an exit; True when `give_up_after` exits in a row never became ready."""
-        self._exits_never_ready = 0 if ever_ready else self._exits_never_ready + 1
-        return self._exits_never_ready >= self.give_up_after
-
-    def reset(self) -> None:
-        """The child became ready: start again from the shortest delay and a clean record."""
-        self._delay = self.initial
+    def record_exit(self, ready_for: float | None) -> bool:
+        """Count an exit of a child that had been ready for `ready_for` seconds (None: never);
+        True when `give_up_after` exits in a row never became ready."""
+        if ready_for is None:
+            self._exits_never_ready += 1
+            return self._exits_never_ready >= self.give_up_after
         self._exits_never_ready = 0
+        if ready_for >= self.reset_after:
+            self._delay = self.initial
+        return False

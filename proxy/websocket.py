@@ -1,75 +1,36 @@
 """The WebSocket bridge: after the model server's 101, bytes flow both ways untouched
 (frames, fragments, pings, close codes, extensions), while frame headers are read on the
-way to count messages and to know where a close frame may be slipped in at shutdown."""
+way to count messages, to time idle tunnels out, and to know where a frame of the proxy's
+own (a close at shutdown, a keepalive ping) may be slipped in."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import struct
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
+
+from .frames import PING, FrameReader, close_frame, control_frame
 
 CLIENT_TO_UPSTREAM = "client_to_upstream"
 UPSTREAM_TO_CLIENT = "upstream_to_client"
 GOING_AWAY = 1001
 CLOSE_LINGER = 2.0  # how long peers may take to answer our close frame
+IDLE_CHECKS = 4  # idle checks per idle timeout: one is closed within a quarter more of it
+KEEPALIVE = b"model-proxy keepalive"  # every ping's payload: any pong with it is ours
+_SLACK = 0.001  # a timer may wake this much early (the loop's clock ticks in milliseconds)
+
+log = logging.getLogger("model_proxy")
 
 
-class FrameReader:
-    """Follows frame boundaries in one direction of a WebSocket stream."""
+@dataclass(frozen=True, slots=True)
+class Timers:
+    """How long a tunnel may stay quiet. None: no limit, no keepalive."""
 
-    __slots__ = ("_header", "_remaining")
-
-    def __init__(self) -> None:
-        self._remaining = 0  # payload bytes of the current frame still to pass
-        self._header = b""  # a frame header split across reads
-
-    @property
-    def at_boundary(self) -> bool:
-        return self._remaining == 0 and not self._header
-
-    def feed(self, data: bytes) -> int:
-        """Consume `data`; the number of messages whose last frame ended in it."""
-        messages = 0
-        position, size = 0, len(data)
-        while position < size:
-            if self._remaining:
-                step = min(self._remaining, size - position)
-                self._remaining -= step
-                position += step
-                continue
-            known = len(self._header)
-            header = self._header + data[position : position + 14]
-            if len(header) < 2:
-                self._header = header
-                return messages
-            length = header[1] & 0x7F
-            header_size = 2 + (2 if length == 126 else 8 if length == 127 else 0)
-            header_size += 4 if header[1] & 0x80 else 0  # masked
-            if len(header) < header_size:
-                self._header = header
-                return messages
-            if length == 126:
-                length = struct.unpack_from("!H", header, 2)[0]
-            elif length == 127:
-                length = struct.unpack_from("!Q", header, 2)[0]
-            position += header_size - known
-            self._header = b""
-            self._remaining = length
-            fin, opcode = header[0] & 0x80, header[0] & 0x0F
-            if fin and opcode < 8:  # the last frame of a text, binary or continued message
-                messages += 1
-        return messages
-
-
-def close_frame(code: int, reason: bytes, *, masked: bool) -> bytes:
-    payload = struct.pack("!H", code) + reason[:123]
-    if not masked:
-        return bytes((0x88, len(payload))) + payload
-    mask = os.urandom(4)
-    body = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
-    return bytes((0x88, 0x80 | len(payload))) + mask + body
+    idle_timeout: float | None = None  # no data frame either way this long: closed (1001)
+    ping_interval: float | None = None  # the client sent nothing this long: pinged
+    ping_timeout: float | None = None  # our ping unanswered this long: closed (1001)
 
 
 class _Side(asyncio.Protocol):
@@ -82,18 +43,26 @@ class _Side(asyncio.Protocol):
         self.frames = FrameReader()
         self.closed = False
         self.eof = False  # this side's peer will send nothing more
-        self.pending_close: bytes | None = None  # a close frame for this side's peer
+        self.pending = False  # a frame of the proxy's own waits for a boundary toward the peer
+        self.pending_ping: bytes | None = None
+        self.pending_close: bytes | None = None
         self.sent_close = False  # after our close frame the peer gets no more frames
         self.other: _Side
 
     def data_received(self, data: bytes) -> None:
-        messages = self.frames.feed(data)
+        frames = self.frames
+        if frames.watching:  # the proxy's ping awaits its pong, which must not pass
+            messages, data, answered = frames.feed_watching(data)
+            if answered:
+                self.tunnel.pong_received()
+        else:
+            messages = frames.feed(data)
         if messages:
             self.tunnel.on_messages(self.direction, messages)
-        if not self.other.sent_close:
+        if data and not self.other.sent_close:
             self.other.transport.write(data)
-        if self.frames.at_boundary and self.other.pending_close is not None:
-            self.other.send_pending_close_to_peer()
+        if self.other.pending and frames.at_boundary:
+            self.other.send_pending_to_peer()
 
     def eof_received(self) -> bool | None:
         self.eof = True
@@ -114,18 +83,34 @@ class _Side(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.other.transport.resume_reading()
 
-    # -- shutdown: a close frame toward this side's peer ----------------------------
+    # -- frames of the proxy's own toward this side's peer --------------------------
+
+    def queue_ping(self, frame: bytes) -> None:
+        """Send `frame` to this side's peer as soon as no frame toward it is half-sent."""
+        self.pending_ping = frame
+        self.pending = True
+        if self.other.frames.at_boundary:
+            self.send_pending_to_peer()
 
     def queue_close(self, frame: bytes) -> None:
         """Send `frame` to this side's peer as soon as no frame toward it is half-sent."""
         self.pending_close = frame
+        self.pending = True
         if self.other.frames.at_boundary:
-            self.send_pending_close_to_peer()
+            self.send_pending_to_peer()
 
-    def send_pending_close_to_peer(self) -> None:
-        frame, self.pending_close = self.pending_close, None
-        if frame is not None and not self.transport.is_closing() and not self.other.eof:
-            self.transport.write(frame)
+    def send_pending_to_peer(self) -> None:
+        self.pending = False
+        ping, self.pending_ping = self.pending_ping, None
+        close, self.pending_close = self.pending_close, None
+
+        if self.transport.is_closing() or self.other.eof or self.sent_close:
+            return
+        if ping is not None:
+            self.transport.write(ping)
+            self.tunnel.ping_sent()
+        if close is not None:
+            self.transport.write(close)
             self.sent_close = True
 
 
@@ -139,15 +124,27 @@ class Tunnel:
         *,
         on_messages: Callable[[str, int], None],
         on_closed: Callable[[Tunnel], None],
+        timers: Timers = Timers(),
     ) -> None:
         self.on_messages = on_messages
         self._on_closed = on_closed
+        self._timers = timers
         # from the client's socket to the model server, and back
         self._client = _Side(self, CLIENT_TO_UPSTREAM, cast(asyncio.Transport, client))
         self._upstream = _Side(self, UPSTREAM_TO_CLIENT, cast(asyncio.Transport, upstream))
         self._client.other, self._upstream.other = self._upstream, self._client
         self._done = False
+        self._closing = False
         self._linger: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        # one timer for every limit, at the earliest of their next checks; the stream only
+        # raises flags (FrameReader.data_seen, .heard), which the timer reads when it fires
+        self._timer: asyncio.TimerHandle | None = None
+        now = self._loop.time()
+        self._quiet_since = now  # the last check that found a data frame gone by
+        self._next_idle_check = now + (timers.idle_timeout or 0) / IDLE_CHECKS
+        self._next_ping = now + (timers.ping_interval or 0)
+        self._ping_sent_at: float | None = None
         client.set_protocol(self._client)
         upstream.set_protocol(self._upstream)
 
@@ -159,13 +156,16 @@ class Tunnel:
             self._client.data_received(from_client)
         self._client.transport.resume_reading()
         self._upstream.transport.resume_reading()
+        self._arm()
 
     def going_away(self, reason: bytes = b"proxy shutting down") -> None:
         """Shutdown: close both ends with 1001, then cut the sockets if the peers linger."""
+        self._closing = True
+        self._stop_timer()
         self._client.queue_close(close_frame(GOING_AWAY, reason, masked=False))
         self._upstream.queue_close(close_frame(GOING_AWAY, reason, masked=True))
-        loop = asyncio.get_running_loop()
-        self._linger = loop.call_later(CLOSE_LINGER, self.abort)
+        if self._linger is None:
+            self._linger = self._loop.call_later(CLOSE_LINGER, self.abort)
 
     def abort(self) -> None:
         self._client.transport.abort()
@@ -175,6 +175,76 @@ class Tunnel:
         if self._done or not (self._client.closed and self._upstream.closed):
             return
         self._done = True
+        self._stop_timer()
         if self._linger is not None:
             self._linger.cancel()
         self._on_closed(self)
+
+    # -- idle timeout and keepalive ---------------------------------------------------
+
+    def ping_sent(self) -> None:
+        self._ping_sent_at = self._loop.time()
+        self._arm()  # its answer has a deadline now
+
+    def pong_received(self) -> None:
+        self._ping_sent_at = None
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self) -> None:
+        timers = self._timers
+        checks = []
+        if timers.idle_timeout is not None:
+            checks.append(self._next_idle_check)
+        if timers.ping_interval is not None:
+            checks.append(self._next_ping)
+        if timers.ping_timeout is not None and self._ping_sent_at is not None:
+            checks.append(self._ping_sent_at + timers.ping_timeout)
+        if not checks or self._done or self._closing:
+            return
+        when = min(checks)
+        if self._timer is not None:
+            if self._timer.when() <= when:
+                return  # it fires first, and arms the next one
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._done or self._closing:
+            return
+        timers = self._timers
+        now = self._loop.time()
+        late = now + _SLACK  # compared with deadlines
+        idle = timers.idle_timeout
+        if idle is not None and late >= self._next_idle_check:
+            client, upstream = self._client.frames, self._upstream.frames
+            if client.data_seen or upstream.data_seen:
+                client.data_seen = upstream.data_seen = False
+                self._quiet_since = now
+            elif late >= self._quiet_since + idle:
+                log.info("closing a WebSocket with no data frame for %g s", idle)
+                self.going_away(b"idle timeout")
+                return
+            # idle for at least `idle`, and at most a check period more, when it is closed
+            self._next_idle_check = min(now + idle / IDLE_CHECKS, self._quiet_since + idle)
+        sent, answer_within = self._ping_sent_at, timers.ping_timeout
+        if answer_within is not None and sent is not None and late >= sent + answer_within:
+            log.info("closing a WebSocket whose client left a ping unanswered %g s", answer_within)
+            self.going_away(b"ping timeout")
+            return
+        if timers.ping_interval is not None and late >= self._next_ping:
+            self._next_ping = now + timers.ping_interval
+            heard, self._client.frames.heard = self._client.frames.heard, False
+            if not heard and (sent is None or answer_within is None):
+                self._ping()
+        self._arm()
+
+    def _ping(self) -> None:
+        """A ping to the client, sent at the next frame boundary toward it; its pong is
+        taken out of the stream to the model server (which never pinged)."""
+        self._client.frames.expect_pong(KEEPALIVE)
+        self._client.queue_ping(control_frame(PING, KEEPALIVE, masked=False))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import fields
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,30 @@ proxy:
   secrets_dir: {secrets_dir}
 """  # noqa: E501 -- the start_command is quoted as Baseten's page has it
 
+# Baseten's Infinity example (the same page), unchanged: it sets a token to null under
+# environment_variables, which sets nothing
+INFINITY_CONFIG = """\
+base_image:
+  image: python:3.11-slim
+docker_server:
+  start_command: sh -c "infinity_emb v2 --model-id BAAI/bge-small-en-v1.5"
+  readiness_endpoint: /health
+  liveness_endpoint: /health
+  predict_endpoint: /embeddings
+  server_port: 7997
+resources:
+  accelerator: L4
+  use_gpu: true
+model_name: infinity-embedding-server
+requirements:
+  - infinity-emb[all]
+environment_variables:
+  hf_access_token: null
+"""
+
 SECRET_VALUE = "hf_do_not_print_me"
+BUILT_ELSEWHERE = "it shapes the image Truss builds; model-proxy runs in an image already built"
+HARDWARE = "the hardware Baseten schedules the model on; here the container's limits apply"
 
 
 def cli(
@@ -104,7 +128,11 @@ def problems(stderr: str) -> dict[str, str]:
 def test_check_prints_every_resolved_setting_of_a_truss_config(tmp_path: Path) -> None:
     result = cli("check", "--config", str(vllm_config(tmp_path)))
     assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
+    # a line for each Truss key that does nothing here, and nothing else
+    assert result.stderr.splitlines() == [
+        f"note: base_image: no effect in model-proxy ({BUILT_ELSEWHERE})",
+        f"note: resources: no effect in model-proxy ({HARDWARE})",
+    ]
     assert SECRET_VALUE not in result.stdout
     resolved: dict[str, Any] = yaml.safe_load(result.stdout)
     expected = {
@@ -118,6 +146,7 @@ def test_check_prints_every_resolved_setting_of_a_truss_config(tmp_path: Path) -
             "predict_endpoint": "/v1/chat/completions",
             "readiness_endpoint": "/health",
             "liveness_endpoint": "/health",
+            "run_as_user_id": None,
         },
         "runtime": {
             "predict_concurrency": 128,
@@ -164,6 +193,69 @@ def test_check_prints_every_resolved_setting_of_a_truss_config(tmp_path: Path) -
     assert resolved["runtime"].keys() == {"predict_concurrency", "health_checks", "transport"}
     assert expected["proxy"].items() <= resolved["proxy"].items()
     assert {**expected, "proxy": None} == {**resolved, "proxy": None}
+
+
+def test_check_passes_basetens_infinity_example_saying_the_null_variable_is_not_set(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(INFINITY_CONFIG)
+
+    result = cli("check", "--config", str(path))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"note: base_image: no effect in model-proxy ({BUILT_ELSEWHERE})",
+        f"note: resources: no effect in model-proxy ({HARDWARE})",
+        f"note: requirements: no effect in model-proxy ({BUILT_ELSEWHERE})",
+        "note: environment_variables.hf_access_token: null, so not set (a secret belongs under"
+        " secrets:, as a file in proxy.secrets_dir)",
+    ]
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["environment_variables"] == {}
+    assert resolved["docker_server"]["server_port"] == 7997
+
+
+def test_check_on_basetens_vllm_example_without_its_secret_names_the_file_and_the_fix(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "config.yaml"
+    # the page's config exactly: secrets_dir is the default /secrets, where no token lies here
+    path.write_text(VLLM_CONFIG.split("proxy:")[0])
+    assert not Path("/secrets/hf_access_token").exists()
+
+    result = cli("check", "--config", str(path))
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert problems(result.stderr) == {
+        "secrets.hf_access_token": "secret file /secrets/hf_access_token is missing (create it,"
+        " set proxy.secrets_dir to the directory that holds it, or remove the key)"
+    }
+
+
+def test_check_refuses_typos_in_truss_sections_with_a_suggestion(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        extra={
+            "runtim": {"predict_concurrency": 8},
+            "docker_server": {
+                "start_command": "true",
+                "server_port": 8000,
+                "predict_endpoint": "/predict",
+                "readyness_endpoint": "/health",
+            },
+        },
+    )
+
+    result = cli("check", "--config", str(path))
+
+    assert result.returncode == 2
+    assert problems(result.stderr) == {
+        "runtim": 'unknown key; did you mean runtime? (got {"predict_concurrency": 8})',
+        "docker_server.readyness_endpoint": "unknown key; did you mean readiness_endpoint?"
+        ' (got "/health")',
+    }
 
 
 def test_check_lists_every_problem_with_its_dotted_path(tmp_path: Path) -> None:
@@ -307,6 +399,24 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
     result = in_process(*args)
     assert result.returncode == 2
     assert "usage: model-proxy" in result.stderr
+
+
+def test_model_proxy_alone_prints_the_help() -> None:
+    result = subprocess.run(
+        [str(CONSOLE_SCRIPT)], env=environment(), capture_output=True, text=True, check=False
+    )
+
+    assert result.returncode == 2  # argparse's code for a command line that does nothing
+    assert result.stderr == cli("--help").stdout
+    for command in ("run", "check", "presets", "--version"):
+        assert re.search(rf"^\s+{command}\b", result.stderr, re.MULTILINE), command
+
+
+def test_version_prints_the_installed_version() -> None:
+    result = cli("--version")
+
+    assert result.returncode == 0
+    assert result.stdout == f"model-proxy {metadata.version('model-proxy')}\n"
 
 
 async def test_run_port_and_host_override_the_file(tmp_path: Path) -> None:

@@ -23,6 +23,9 @@ from proxy.config import (
 from proxy.errors import ConfigError
 
 DELETE = object()
+MISSING_HINT = (
+    " (create it, set proxy.secrets_dir to the directory that holds it, or remove the key)"
+)
 
 MINIMAL: dict[str, Any] = {
     "docker_server": {
@@ -136,6 +139,7 @@ def test_baseten_vllm_truss_config_loads_unchanged(tmp_path: Path) -> None:
         predict_endpoint="/v1/chat/completions",
         readiness_endpoint="/health",
         liveness_endpoint="/health",
+        run_as_user_id=1000,
     )
     assert config.predict_concurrency == 128
     assert config.health_checks == HealthChecks()  # Truss writes null for "the default"
@@ -358,7 +362,7 @@ proxy:
         'proxy.restart_policy: must be one of always, never (got "sometimes")',
         'proxy.log_format: must be one of text, json (got "xml")',
         f"secrets.hf_access_token: secret file {secrets_dir / 'hf_access_token'} is missing"
-        " (create it or remove the key)",
+        + MISSING_HINT,
     ]
     assert str(caught.value) == "\n".join(caught.value.problems)
 
@@ -607,6 +611,39 @@ proxy:
             {"runtime.transport.kindd": "grpc"},
             'runtime.transport.kindd: unknown key; did you mean kind? (got "grpc")',
         ),
+        # unknown keys under Truss's sections; a top-level key one typo from a known one
+        (
+            {"docker_server.readyness_endpoint": "/health"},
+            "docker_server.readyness_endpoint: unknown key; did you mean readiness_endpoint?"
+            ' (got "/health")',
+        ),
+        (
+            {"runtime.predict_concurency": 128},
+            "runtime.predict_concurency: unknown key; did you mean predict_concurrency? (got 128)",
+        ),
+        (
+            {"docker_server.future_key": [1]},
+            "docker_server.future_key: unknown key; expected one of start_command, server_port,"
+            " predict_endpoint, readiness_endpoint, liveness_endpoint, run_as_user_id, no_build,"
+            " setup_command (got [1])",
+        ),
+        ({"runtim": {}}, "runtim: unknown key; did you mean runtime? (got {})"),
+        ({"Runtime": None}, "Runtime: unknown key; did you mean runtime? (got null)"),
+        (
+            {"enviroment_variables": {"A": 1}},
+            'enviroment_variables: unknown key; did you mean environment_variables? (got {"A": 1})',
+        ),
+        ({"dokcer_server": 1}, "dokcer_server: unknown key; did you mean docker_server? (got 1)"),
+        ({"proxyy": {}}, "proxyy: unknown key; did you mean proxy? (got {})"),
+        ({"base_imag": "x"}, 'base_imag: unknown key; did you mean base_image? (got "x")'),
+        (
+            {"docker_server.run_as_user_id": 0},
+            "docker_server.run_as_user_id: must be an integer >= 1 (got 0)",
+        ),
+        (
+            {"docker_server.run_as_user_id": "1000"},
+            'docker_server.run_as_user_id: must be an integer >= 1 (got "1000")',
+        ),
         # preset keys: only their types are checked for now
         ({"implementation": ["vllm"]}, 'implementation: must be a string (got ["vllm"])'),
         ({"model_uri": 3}, "model_uri: must be a string (got 3)"),
@@ -628,7 +665,16 @@ def test_each_rule_reports_its_problem(
         {"resources": {"accelerator": "A10G"}, "model_metadata": {"x": 1}, "build": {}},
         {"model_class_name": "Model", "external_package_dirs": [], "description": "d"},
         {"runtime.transport": {"kind": "websocket"}, "runtime.streaming_read_timeout": 60},
-        {"docker_server.run_as_user_id": 1000, "docker_server.future_key": [1]},
+        {"docker_server.run_as_user_id": 1000, "docker_server.no_build": False},
+        {"docker_server.setup_command": "pip install x", "runtime.num_workers": 1},
+        {"runtime.oidc": {"enabled": True}, "runtime.is_websocket_endpoint": True},
+        {"runtime.egress_restrictions": None, "runtime.remote_ssh": {"enabled": False}},
+        {"runtime.enable_tracing_data": True, "runtime.truss_server_version_override": "0.9"},
+        {"model_cache": [{"repo_id": "x"}], "weights": [], "training_checkpoints": None},
+        {"hf_cache": None, "trt_llm": {}, "bis_llm": None, "spec_version": "2.0"},
+        {"model_framework": "custom", "model_type": "Model", "input_type": "Any"},
+        {"examples_filename": "e.yaml", "data_dir": "data", "live_reload": False},
+        # a key neither knows, unless it is one typo away from a known one: noted, not refused
         {"some_future_truss_key": {"nested": True}},
         # a server preset whose every key docker_server overrides (tests/test_presets.py)
         {"implementation": "vllm", "model_uri": "hf://org/model"},
@@ -696,10 +742,9 @@ def test_missing_secrets_never_show_placeholder_values(tmp_path: Path) -> None:
 
     assert found == [
         f"secrets.hf_access_token: secret file {secrets_dir}/hf_access_token is missing"
-        " (create it or remove the key)",
+        + MISSING_HINT,
         f"secrets.a_directory: secret file {secrets_dir}/a_directory is not a regular file",
-        f"proxy.api_key_secret: secret file {secrets_dir}/api_key is missing"
-        " (create it or remove the key)",
+        f"proxy.api_key_secret: secret file {secrets_dir}/api_key is missing" + MISSING_HINT,
     ]
     assert "PLACEHOLDER" not in "\n".join(found)
 
@@ -734,7 +779,7 @@ def test_read_secret_strips_surrounding_whitespace(tmp_path: Path) -> None:
         (
             "gone",
             None,
-            "secrets.gone: secret file {dir}/gone is missing (create it or remove the key)",
+            "secrets.gone: secret file {dir}/gone is missing" + MISSING_HINT,
         ),
         ("blank", "\n\t ", "secrets.blank: secret file {dir}/blank is empty"),
         ("binary", b"\xff\xfe", "secrets.binary: secret file {dir}/binary is not UTF-8 text"),
@@ -883,7 +928,32 @@ def test_render_config_is_yaml_with_every_setting_in_order(tmp_path: Path) -> No
     assert rendered["proxy"]["queue_timeout_seconds"] is None
 
 
+def test_truss_keys_with_no_effect_are_noted_one_line_each(tmp_path: Path) -> None:
+    secrets_dir = make_secret(tmp_path, "hf_access_token")
+    text = VLLM_TRUSS + f"proxy:\n  secrets_dir: {secrets_dir}\nmy_own_key: 1\n"
+
+    notes = load_config(write(tmp_path, text)).notes
+
+    # null, false and empty values ask for nothing: no note (requirements: [], ...)
+    assert [note.partition(":")[0] for note in notes] == [
+        "description",
+        "python_version",
+        "base_image",
+        "model_metadata",
+        "resources",
+        "my_own_key",
+        "runtime.streaming_read_timeout",
+        "environment_variables.UNSET_BY_TRUSS",
+    ]
+    assert notes[0] == "description: no effect in model-proxy (documentation only)"
+    assert notes[5] == "my_own_key: not a key of model-proxy or Truss: ignored"
+    assert "proxy.request_timeout_seconds" in notes[6]
+    assert notes[7].startswith("environment_variables.UNSET_BY_TRUSS: null, so not set")
+    assert load(tmp_path, MINIMAL).notes == ()
+
+
 def test_render_config_round_trips_through_load_config(tmp_path: Path) -> None:
+
     secrets_dir = make_secret(tmp_path, "api_key")
     data = with_values(
         MINIMAL,

@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from .conftest import fake_upstream, in_process_proxy
+from .conftest import fake_upstream, in_process_proxy, run_proxy, write_config
 
 # the contract's table: name, type, label names of its samples
 CONTRACT = {
@@ -244,3 +244,21 @@ async def test_a_mixed_load_is_counted(tmp_path: Path) -> None:
     assert samples["model_proxy_websocket_connections"] == 0
     assert samples['model_proxy_websocket_messages_total{direction="client_to_upstream"}'] == 3
     assert samples['model_proxy_websocket_messages_total{direction="upstream_to_client"}'] == 3
+
+
+async def test_the_proxys_own_404s_are_counted_as_route_none_and_logged(tmp_path: Path) -> None:
+    # /v1/... instead of /sync/v1/...: the most common first mistake must show somewhere
+    async with aiohttp.ClientSession() as session, run_proxy(write_config(tmp_path)) as proxy:
+        async with session.post(
+            proxy.url + "/v1/chat/completions?key=secret", json={}, headers={"X-Request-ID": "r1"}
+        ) as response:
+            assert response.status == 404
+            assert (await response.json())["error"]["type"] == "not_found"
+            assert response.headers["X-Request-ID"] == "r1"
+        line = await proxy.wait_for_log(r'"POST /v1/chat/completions" 404')
+        samples = await scrape(session, proxy.url)
+
+    assert line.endswith("id=r1")
+    assert "secret" not in line
+    assert samples['model_proxy_requests_total{code="404",method="POST",route="none"}'] == 1
+    assert not any(key.startswith("model_proxy_rejected_requests_total{") for key in samples)

@@ -39,6 +39,8 @@ KNOWN_SERVERS = {
 }
 # what each needs besides model_uri
 ARGS = {"SELDON_MICROSERVICE": {"model_class": "Model"}}
+# servers with no way to bind them to 127.0.0.1 (servers.yaml says so)
+LISTENS_EVERYWHERE = {"SELDON_MICROSERVICE"}
 
 
 def write(directory: Path, data: dict[str, Any], name: str = "config.yaml") -> Path:
@@ -94,6 +96,10 @@ def test_each_known_server_expands_to_its_real_defaults(tmp_path: Path, name: st
         assert "org/model" in server.start_command
     assert config.implementation == name
     assert config.proxy.port != port  # every preset fits beside the proxy's default 8080
+    # only the proxy talks to it: with api_key_secret set, a server listening on every
+    # interface would answer on its own port without the key
+    if name not in LISTENS_EVERYWHERE:
+        assert "127.0.0.1" in server.start_command
 
 
 def test_the_registry_covers_the_servers_users_run() -> None:

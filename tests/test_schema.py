@@ -16,11 +16,15 @@ import yaml
 
 from proxy import presets
 from proxy.config import (
+    _DOCKER_KEYS,
     _HEALTH_KEYS,
     _PROXY_KEYS,
+    _RUNTIME_KEYS,
+    _TOP_KEYS,
     DockerServer,
     HealthChecks,
     ProxySettings,
+    Transport,
     load_config,
 )
 from proxy.errors import ConfigError
@@ -96,6 +100,9 @@ def test_every_example_config_passes_the_schema_and_the_loader(tmp_path: Path, n
 
     assert config.docker_server.start_command
     assert (config.implementation is not None) == ("implementation" in data)
+    # the model server listens on 127.0.0.1 only (the Seldon microservice cannot be told to)
+    if config.implementation != "SELDON_MICROSERVICE":
+        assert "127.0.0.1" in config.docker_server.start_command, name
 
 
 def properties(*path: str) -> dict[str, Any]:
@@ -110,6 +117,10 @@ def test_the_schema_knows_exactly_the_proxy_keys_of_the_loader() -> None:
     assert set(properties("proxy")) == set(_PROXY_KEYS)
     assert set(properties("runtime", "health_checks")) == set(_HEALTH_KEYS)
     assert {f.name for f in dataclasses.fields(DockerServer)} <= set(properties("docker_server"))
+    # Truss's sections too, and every top-level key (the schema lets others through)
+    assert set(properties("docker_server")) == set(_DOCKER_KEYS)
+    assert set(properties("runtime")) == set(_RUNTIME_KEYS)
+    assert set(SCHEMA["properties"]) == set(_TOP_KEYS)
 
 
 def test_the_schema_defaults_are_the_loaders() -> None:
@@ -160,6 +171,10 @@ MINIMAL = {"docker_server": {"start_command": "s", "server_port": 8000, "predict
         {"proxy": {"api_key_secret": "a/b"}},
         {"runtime": {"predict_concurrency": 0}},
         {"runtime": {"health_checks": {"startup_seconds": 5}}},
+        {"runtime": {"predict_concurency": 5}},
+        {"runtime": {"transport": {"kind": "websocket", "ping_every": 5}}},
+        {"docker_server": {**MINIMAL["docker_server"], "readyness_endpoint": "/health"}},
+        {"docker_server": {**MINIMAL["docker_server"], "run_as_user_id": 0}},
         {"docker_server": {**MINIMAL["docker_server"], "predict_endpoint": "predict"}},
         {"docker_server": {**MINIMAL["docker_server"], "readiness_endpoint": "//evil/x"}},
         {"docker_server": {**MINIMAL["docker_server"], "liveness_endpoint": "/h?x=1"}},
@@ -271,3 +286,27 @@ async def test_the_dashboard_queries_exactly_the_proxys_metrics(tmp_path: Path) 
     assert {
         family for family, kind in families.items() if sample_names(family, kind) & used
     } == set(families)
+
+
+def test_the_readme_documents_every_key_the_proxy_reads() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("Every key the proxy reads, with its default:")[1].split("\n\n")[1]
+    documented = {
+        key
+        for row in section.splitlines()[2:]
+        for key in re.findall(r"`([a-z_.]+)`", row.split("|")[1])
+    }
+    sections: dict[str, Any] = {
+        "docker_server": DockerServer,
+        "runtime.health_checks": HealthChecks,
+        "runtime.transport": Transport,
+        "proxy": ProxySettings,
+    }
+    read = {
+        f"{prefix}.{field.name}"
+        for prefix, settings in sections.items()
+        for field in dataclasses.fields(settings)
+    }
+    read |= {"model_name", "implementation", "model_uri", "preset_args", "environment_variables"}
+    read |= {"secrets", "runtime.predict_concurrency", "runtime.enable_debug_logs"}
+    assert read <= documented, read - documented

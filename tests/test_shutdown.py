@@ -205,15 +205,20 @@ async def test_requests_still_in_flight_after_the_grace_are_cut(
     assert list(group_pids(pid)) == []
 
 
-async def test_sigterm_before_the_child_is_ready_stops_it(tmp_path: Path, control: Path) -> None:
-    config = model_config(tmp_path, control, ready=False)
+async def test_sigterm_before_the_child_is_ready_stops_it_without_a_quiet_period(
+    tmp_path: Path, control: Path
+) -> None:
+    # never ready, so in no load balancer's list: nothing to wait for (a quiet period as long
+    # as the exit's safety net would fail the test)
+    config = model_config(tmp_path, control, ready=False, proxy={"drain_quiet_seconds": 3 * SAFETY})
     async with run_proxy(config, wait_ready=False) as proxy:
         await proxy.wait_for_log(r"\[model-server stdout\] model server listening")
         pid = int((control / "server.pid").read_text())
         proxy.signal(signal.SIGTERM)
-        assert await proxy.exited() == 0
+        assert await proxy.exited(timeout=SAFETY) == 0
     assert list(group_pids(pid)) == []
     assert "restarting" not in proxy.log
+    assert "the model server was never ready: no quiet period" in proxy.log
 
 
 async def test_sigterm_during_the_restart_backoff_starts_no_new_child(

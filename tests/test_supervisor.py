@@ -243,29 +243,28 @@ def test_works_under_uvloop() -> None:
     assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
 
 
-def test_backoff_doubles_up_to_the_maximum_and_resets() -> None:
+def test_backoff_doubles_up_to_the_maximum_and_resets_after_a_minute_of_readiness() -> None:
     backoff = RestartBackoff()
     assert [backoff.next_delay() for _ in range(8)] == [1, 2, 4, 8, 16, 30, 30, 30]
-    backoff.reset()
+    backoff.record_exit(ready_for=59.9)  # ready, but not for long: no fresh start
+    assert backoff.next_delay() == 30
+    backoff.record_exit(ready_for=60)
     assert [backoff.next_delay() for _ in range(2)] == [1, 2]
 
 
 def test_backoff_gives_up_after_five_exits_in_a_row_never_ready() -> None:
     backoff = RestartBackoff()
-    assert [backoff.record_exit(ever_ready=False) for _ in range(5)] == [False] * 4 + [True]
+    assert [backoff.record_exit(ready_for=None) for _ in range(5)] == [False] * 4 + [True]
 
 
-def test_backoff_streak_is_broken_by_readiness() -> None:
+def test_backoff_streak_is_broken_by_readiness_however_short() -> None:
     backoff = RestartBackoff(give_up_after=3)
-    assert not backoff.record_exit(ever_ready=False)
-    assert not backoff.record_exit(ever_ready=False)
-    assert not backoff.record_exit(ever_ready=True)
-    assert not backoff.record_exit(ever_ready=False)
-    assert not backoff.record_exit(ever_ready=False)
-    backoff.reset()
-    assert not backoff.record_exit(ever_ready=False)
-    assert not backoff.record_exit(ever_ready=False)
-    assert backoff.record_exit(ever_ready=False)
+    assert not backoff.record_exit(ready_for=None)
+    assert not backoff.record_exit(ready_for=None)
+    assert not backoff.record_exit(ready_for=0.0)
+    assert not backoff.record_exit(ready_for=None)
+    assert not backoff.record_exit(ready_for=None)
+    assert backoff.record_exit(ready_for=None)
 
 
 @pytest.mark.parametrize(
