@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import json
 import time
+from collections.abc import MutableSet
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
@@ -87,7 +88,8 @@ class Proxy:
             queue_timeout=settings.queue_timeout_seconds,
         )
         self.pool = UpstreamPool("127.0.0.1", config.docker_server.server_port)
-        self.connections: set[ClientConnection] = set()
+        # any mutable set: the tests pass one that says when a connection comes or goes
+        self.connections: MutableSet[ClientConnection] = set()
         self.tunnels: set[Tunnel] = set()
         self._tunnel_timers = Timers(
             idle_timeout=settings.websocket_idle_timeout_seconds,

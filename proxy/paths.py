@@ -4,6 +4,7 @@ target can point the proxy anywhere but the model server's own origin."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import httptools
 
@@ -21,11 +22,13 @@ def split_target(target: bytes) -> tuple[bytes, bytes] | None:
     if b"://" in target:
         # absolute-form: only the path and query count; the host is never used
         try:
-            url = httptools.parse_url(target)
+            # Any: httptools' stub says bytes, but a part the URL lacks is None
+            url: Any = httptools.parse_url(target)
         except httptools.HttpParserInvalidURLError:
             return None
-        query = b"?" + url.query if url.query is not None else b""
-        return url.path or b"/", query
+        url_path: bytes | None = url.path
+        url_query: bytes | None = url.query
+        return url_path or b"/", b"" if url_query is None else b"?" + url_query
     return None
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, MutableSet
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -76,7 +76,10 @@ class ClientConnection(asyncio.Protocol):
     """Parses requests off one client socket and serialises their exchanges."""
 
     def __init__(
-        self, router: Router, connections: set[ClientConnection], limits: ConnectionLimits
+        self,
+        router: Router,
+        connections: MutableSet[ClientConnection],
+        limits: ConnectionLimits,
     ) -> None:
         self._router = router
         self._connections = connections
