@@ -7,12 +7,12 @@ import asyncio
 import logging
 import os
 import sys
-from importlib import metadata
+from importlib import machinery, metadata
 from pathlib import Path
 
 import uvloop
 
-from . import logs, presets
+from . import logs, presets, protocol
 from .config import Config, load_config, render_config
 from .errors import ConfigError
 from .server import serve
@@ -25,9 +25,18 @@ log = logging.getLogger("model_proxy")
 
 def version() -> str:
     try:
-        return metadata.version("model-proxy")
+        number = metadata.version("model-proxy")
     except metadata.PackageNotFoundError:  # run from a checkout that was never installed
-        return "unknown (not installed)"
+        number = "unknown (not installed)"
+    return f"{number} ({build()})"
+
+
+def build() -> str:
+    """Which build runs: the request path compiled with mypyc (setup.py), or pure Python."""
+    compiled = protocol.__file__ is not None and protocol.__file__.endswith(
+        tuple(machinery.EXTENSION_SUFFIXES)
+    )
+    return "compiled with mypyc" if compiled else "pure Python"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -412,11 +412,13 @@ def test_model_proxy_alone_prints_the_help() -> None:
         assert re.search(rf"^\s+{command}\b", result.stderr, re.MULTILINE), command
 
 
-def test_version_prints_the_installed_version() -> None:
+def test_version_prints_the_installed_version_and_build() -> None:
+    """The build is the one CI asked for: .ci/compiled builds with MODEL_PROXY_COMPILE=1."""
     result = cli("--version")
 
+    build = "compiled with mypyc" if os.environ.get("MODEL_PROXY_COMPILE") == "1" else "pure Python"
     assert result.returncode == 0
-    assert result.stdout == f"model-proxy {metadata.version('model-proxy')}\n"
+    assert result.stdout == f"model-proxy {metadata.version('model-proxy')} ({build})\n"
 
 
 async def test_run_port_and_host_override_the_file(tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
 """A built wheel (what a non-editable `pip install .` installs) carries the top-level config/
-folder as the package proxy.registry, and the program finds its presets there."""
+folder as the package proxy.registry, and the program finds its presets there; built with
+MODEL_PROXY_COMPILE=1 (.ci/compiled), it carries the request path compiled by mypyc."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from .conftest import SLOW
 pytestmark = [pytest.mark.integration, SLOW]
 
 # what the build reads; copied so that building leaves nothing in the work tree
-SOURCES = ("pyproject.toml", "README.md", "proxy", "config")
+SOURCES = ("pyproject.toml", "setup.py", "build_support", "README.md", "proxy", "config")
 
 RUN_FROM_WHEEL = """\
 import sys
@@ -57,6 +59,8 @@ def test_the_wheel_carries_the_registry_and_the_schema(tmp_path: Path) -> None:
     )
 
     assert {"proxy/registry/servers.yaml", "proxy/registry/schema.json"} <= set(names)
+    compiled = [name for name in names if name.startswith("proxy/protocol.") and ".so" in name]
+    assert bool(compiled) == (os.environ.get("MODEL_PROXY_COMPILE") == "1"), names
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("MLSERVER  ")
     assert "/v2/models/{model_name}/ready" in run.stdout
