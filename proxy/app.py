@@ -8,10 +8,12 @@ import hmac
 import json
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 from prometheus_client import CollectorRegistry
 
 from .config import Config, read_secret
+from .deferred import Answer, DeferredExchange
 from .errors import (
     BadRequest,
     Draining,
@@ -21,13 +23,22 @@ from .errors import (
     ProxyError,
     Unauthorized,
 )
+from .events import SSE, ResponseScanner, response_kind
 from .forward import ProxyExchange, UpstreamPool
 from .headers import new_request_id
 from .limiter import Limiter
 from .logs import AccessLog
 from .metrics import CONTENT_TYPE, Gauges, Metrics
 from .paths import RouteMap, split_target
-from .protocol import ClientConnection, ConnectionLimits, Exchange, LocalExchange, RequestHead
+from .protocol import (
+    ClientConnection,
+    ConnectionLimits,
+    Exchange,
+    Headers,
+    LocalExchange,
+    RequestHead,
+)
+from .upstream_metrics import UpstreamMetrics, exposed_names
 from .websocket import Tunnel
 
 JSON = b"application/json"
@@ -91,8 +102,16 @@ class Proxy:
                 queued=lambda: self.limiter.queued,
                 upstream_ready=lambda: self.state.ready,
                 websockets=lambda: len(self.tunnels),
+                concurrency_limit=lambda: self.limiter.max_concurrency,
             ),
         )
+        self.upstream_metrics: UpstreamMetrics | None = None
+        if settings.upstream_metrics_endpoint:
+            port = settings.upstream_metrics_port or config.docker_server.server_port
+            self.upstream_metrics = UpstreamMetrics(
+                f"http://127.0.0.1:{port}{settings.upstream_metrics_endpoint}",
+                reserved=exposed_names(self.metrics.render().decode()),
+            )
         self.draining = False  # /ready answers 503
         self.closed = False  # the listener is closed: late requests get 503 draining
         self.last_request_at = 0.0
@@ -143,6 +162,7 @@ class Proxy:
             request_timeout=settings.request_timeout_seconds,
             websocket=websocket,
             on_upgrade=self._upgraded,
+            scan=self._scanner,
         )
 
     def _rejection(self, head: RequestHead) -> ProxyError | None:
@@ -170,6 +190,8 @@ class Proxy:
         if path == b"/metrics":
             if self._metrics_key and not self._authorized(head):
                 return LocalExchange.error(conn, head, Unauthorized())  # not counted
+            if self.upstream_metrics is not None:
+                return DeferredExchange(conn, head, self._scrape)
             return LocalExchange(
                 conn, head, 200, [(b"Content-Type", CONTENT_TYPE)], self.metrics.render()
             )
@@ -178,6 +200,13 @@ class Proxy:
         return LocalExchange(
             conn, head, 200 if ok else 503, [(b"Content-Type", JSON)], self._status(ok)
         )
+
+    async def _scrape(self) -> Answer:
+        """The proxy's metrics, and the model server's after them when they could be had."""
+        assert self.upstream_metrics is not None
+        families = await self.upstream_metrics.families()
+        self.metrics.upstream_metrics_up = families is not None
+        return 200, [(b"Content-Type", CONTENT_TYPE)], self.metrics.render() + (families or b"")
 
     def _status(self, ok: bool) -> bytes:
         state = self.state
@@ -225,6 +254,19 @@ class Proxy:
         self.no_tunnels.clear()
         tunnel.start(from_client, from_upstream)
 
+    def _scanner(self, exchange: ProxyExchange, headers: Headers) -> ResponseScanner | None:
+        """Event streams are timed and JSON bodies read for token usage as they pass."""
+        kind = response_kind(headers)
+        if kind is None:
+            return None
+        metrics, route = self.metrics, exchange.route
+        return ResponseScanner(
+            sse=kind == SSE,
+            arrived_at=exchange.arrived_at,
+            on_first=metrics.time_to_first_event[route].observe,
+            on_gap=metrics.inter_event[route].observe,
+        )
+
     def _count_messages(self, direction: str, count: int) -> None:
         self.metrics.websocket_messages[direction] += count
 
@@ -232,15 +274,26 @@ class Proxy:
         if exchange.code != 101:
             self._http_done()
         arrived = exchange.arrived_at
+        sent, answered = exchange.sent_at, exchange.first_byte_at
+        scanner = cast(ResponseScanner | None, exchange.scanner)  # made by _scanner
+        first_event = events = None
+        if scanner is not None:
+            if (usage := scanner.usage()) is not None:
+                self.metrics.count_tokens(*usage)
+            if scanner.first_event_at is not None:
+                first_event, events = scanner.first_event_at - arrived, scanner.events
         self._record(
             exchange.route,
             exchange.head,
             exchange.code,
             request_id=exchange.request_id,
             duration=time.monotonic() - arrived,
-            first_byte=None if exchange.first_byte_at is None else exchange.first_byte_at - arrived,
+            first_byte=None if answered is None else answered - arrived,
             queue_wait=None if exchange.admitted_at is None else exchange.admitted_at - arrived,
             rejected=exchange.error_kind if exchange.code in (413, 503) else None,
+            upstream=None if sent is None or answered is None else answered - sent,
+            first_event=first_event,
+            events=events,
         )
 
     def _count_rejection(
@@ -268,8 +321,12 @@ class Proxy:
         first_byte: float | None,
         queue_wait: float | None,
         rejected: str | None,
+        upstream: float | None = None,
+        first_event: float | None = None,
+        events: int | None = None,
     ) -> None:
-        """Count a finished request, and write its access log line."""
+        """Count a finished request, and write its access log line (with, where they were
+        seen, the model server's time to answer and a stream's first event and count)."""
         method = head.method.decode()
         self.metrics.request_finished(
             route,
@@ -283,19 +340,34 @@ class Proxy:
         if self.access_log is None:
             return
         path = head.target.partition(b"?")[0].decode("latin-1")  # a query may hold secrets
-        duration_ms = round(duration * 1000, 3)
-        first_byte_ms = None if first_byte is None else round(first_byte * 1000, 3)
-        self.access_log.add(
-            '%s "%s %s" %d %.1fms id=%s',
-            (head.client_ip, method, path, code, duration_ms, request_id.decode("latin-1")),
-            {
-                "request_id": request_id.decode("latin-1"),
-                "client": head.client_ip,
-                "route": route,
-                "method": method,
-                "path": path,
-                "status": code,
-                "duration_ms": duration_ms,
-                "ttfb_ms": first_byte_ms,
-            },
-        )
+        duration_ms = _ms(duration)
+        fields: dict[str, object] = {
+            "request_id": request_id.decode("latin-1"),
+            "client": head.client_ip,
+            "route": route,
+            "method": method,
+            "path": path,
+            "status": code,
+            "duration_ms": duration_ms,
+            "ttfb_ms": _ms(first_byte),
+            "queue_ms": _ms(queue_wait),
+            "upstream_ms": _ms(upstream),
+        }
+        message = '%s "%s %s" %d %.1fms'
+        args: tuple[object, ...] = (head.client_ip, method, path, code, duration_ms)
+        if queue_wait is not None:
+            message += " queue=%.1fms"
+            args += (fields["queue_ms"],)
+        if upstream is not None:
+            message += " upstream=%.1fms"
+            args += (fields["upstream_ms"],)
+        if first_event is not None:
+            fields["ttfe_ms"] = _ms(first_event)
+            fields["events"] = events
+            message += " ttfe=%.1fms events=%d"
+            args += (fields["ttfe_ms"], events)
+        self.access_log.add(f"{message} id=%s", (*args, fields["request_id"]), fields)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
