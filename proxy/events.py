@@ -11,10 +11,12 @@ Headers = list[tuple[bytes, bytes]]
 Observe = Callable[[float], None]
 
 SSE, JSON = "sse", "json"
-# how much of a response's end is kept (as references to its chunks) to find `usage` in:
-# a stream's usage chunk is its last event but `[DONE]`; a JSON body puts it near its end
-SSE_WINDOW = 2048
+# a JSON body's `usage` is near its end: its last bytes are kept (as references to its
+# chunks) and read once it has ended
 JSON_WINDOW = 65536
+# an event split over several reads is kept whole (as references) up to this size, to read
+# its `usage`; a larger one is still counted and timed
+EVENT_MAX = 65536
 _TAIL = 4  # bytes of an unfinished event kept to see a separator or "data:" cut in two
 _DATA = b"data:"
 _USAGE = b'"usage"'
@@ -37,12 +39,18 @@ def response_kind(headers: Headers) -> str | None:
 
 
 class ResponseScanner:
-    """Fed each chunk of one response body as it is passed on. For an event stream, each
-    completed event with a `data:` field is counted and timed at the chunk that completes
-    it (the first against `arrived_at`, the next ones against the event before); events
-    are found by a bytes search for the blank line that ends them, and only the last few
-    bytes of an unfinished event are carried to the next chunk. `usage()` reads the last
-    `usage` object found in the response's final bytes, parsed once, at the end."""
+    """Fed each chunk of one response body as it is passed on.
+
+    An event stream: each completed event with a `data:` field is counted and timed at the
+    chunk that completes it (the first against `arrived_at`, the next ones against the
+    event before). Events are found by a bytes search for the blank line that ends them;
+    of an unfinished event only its last few bytes are carried to the next chunk, and
+    references to its pieces while it may hold `usage`. The last event that says "usage"
+    is kept (a reference: each read of a token stream is one whole event).
+
+    A JSON body: references to its last chunks. `usage()` parses the `usage` object once,
+    when the response has ended.
+    """
 
     __slots__ = (
         "_arrived_at",
@@ -51,12 +59,14 @@ class ResponseScanner:
         "_last_event_at",
         "_on_first",
         "_on_gap",
+        "_open",
+        "_open_bytes",
         "_recent",
         "_recent_bytes",
         "_sep",
         "_sse",
         "_tail",
-        "_window",
+        "_usage",
         "events",
         "first_event_at",
     )
@@ -75,67 +85,69 @@ class ResponseScanner:
         self._on_first = on_first
         self._on_gap = on_gap
         self._clock = clock
-        self._window = SSE_WINDOW if sse else JSON_WINDOW
-        self._recent: list[bytes] = []
+        self._recent: list[bytes] = []  # JSON: the body's last chunks
         self._recent_bytes = 0
         self._sep: bytes | None = None  # b"\n\n" or b"\r\n\r\n", from the first line's end
         self._tail = b""  # the last bytes of an unfinished event (b"": none is open)
         self._data = False  # the unfinished event has a data field
+        # the unfinished event's pieces (chunk, offset); None: too large to read usage in
+        self._open: list[tuple[bytes, int]] | None = []
+        self._open_bytes = 0
+        self._usage = b""  # the last event that says "usage"
         self._last_event_at = 0.0
         self.events = 0  # data events seen
         self.first_event_at: float | None = None
 
     def feed(self, chunk: bytes) -> None:
-        if not chunk:
-            return
-        # the end of the response, as references: trimmed to the window now and then
-        self._recent.append(chunk)
-        self._recent_bytes += len(chunk)
-        if self._recent_bytes > 2 * self._window:
-            self._trim()
         if not self._sse:
+            self._keep(chunk)
             return
         sep = self._sep
-        if sep is not None and not self._tail:
-            # the usual token stream: each read is one whole event; inline, as it is per event
-            end = chunk.find(sep)
-            if end >= 0 and end == len(chunk) - len(sep):
-                if _DATA in chunk:
-                    now = self._clock()
-                    self.events += 1
-                    if self.first_event_at is None:
-                        self.first_event_at = now
-                        self._on_first(now - self._arrived_at)
-                    else:
-                        self._on_gap(now - self._last_event_at)
-                    self._last_event_at = now
-                return
-        self._scan(chunk)
-
-    def _trim(self) -> None:
-        """Keep the fewest last chunks that still hold the window."""
-        kept = 0
-        for index in range(len(self._recent) - 1, -1, -1):
-            kept += len(self._recent[index])
-            if kept >= self._window:
-                del self._recent[:index]
-                break
-        self._recent_bytes = kept
+        # the usual token stream: each read is one whole event (its one separator ends it);
+        # inline, as it runs for every event
+        if sep is not None and not self._tail and chunk.find(sep) == len(chunk) - len(sep) >= 0:
+            if _USAGE in chunk:
+                self._usage = chunk
+            if chunk.startswith(_DATA) or _DATA in chunk:
+                now = self._clock()
+                self.events += 1
+                if self.first_event_at is None:
+                    self.first_event_at = now
+                    self._on_first(now - self._arrived_at)
+                else:
+                    self._on_gap(now - self._last_event_at)
+                self._last_event_at = now
+        elif chunk:
+            self._scan(chunk)
 
     def usage(self) -> tuple[int, int] | None:
         """(prompt, completion) tokens of the response's last `usage` object, if any."""
-        if not self._recent:
-            return None
-        end = b"".join(self._recent)[-self._window :]
-        at = len(end)
+        text = self._usage if self._sse else b"".join(self._recent)[-JSON_WINDOW:]
+        at = len(text)
         for _ in range(_USAGE_TRIES):
-            at = end.rfind(_USAGE, 0, at)
+            at = text.rfind(_USAGE, 0, at)
             if at == -1:
                 return None
-            found = _usage_at(end, at + len(_USAGE))
+            found = _usage_at(text, at + len(_USAGE))
             if found is not None:
                 return found
         return None
+
+    def _keep(self, chunk: bytes) -> None:
+        """A JSON body's chunk: the last JSON_WINDOW bytes are kept, trimmed now and then."""
+        if not chunk:
+            return
+        recent = self._recent
+        recent.append(chunk)
+        self._recent_bytes += len(chunk)
+        if self._recent_bytes > 2 * JSON_WINDOW:
+            kept = 0
+            for index in range(len(recent) - 1, -1, -1):
+                kept += len(recent[index])
+                if kept >= JSON_WINDOW:
+                    del recent[:index]
+                    break
+            self._recent_bytes = kept
 
     # -- Server-Sent Events -----------------------------------------------------------
 
@@ -148,6 +160,7 @@ class ResponseScanner:
                 if not self._data:
                     self._data = _DATA in chunk or _DATA in tail + chunk[:_TAIL]
                 self._tail = (tail + chunk[-_TAIL:])[-_TAIL:]
+                self._hold(chunk, 0)
                 return
         size = len(sep)
         completed = 0
@@ -162,13 +175,13 @@ class ResponseScanner:
             at = joint.find(sep)
             if 0 <= at < len(tail):
                 completed += self._data
-                self._data = False
+                self._close(chunk, 0, 0)
                 start = at + size - len(tail)
                 found = True
         while (end := chunk.find(sep, start)) != -1:
             if self._data or chunk.find(_DATA, start, end) != -1:
                 completed += 1
-            self._data = False
+            self._close(chunk, start, end)
             start = end + size
             found = True
         if start < len(chunk):
@@ -177,6 +190,7 @@ class ResponseScanner:
             # never a copy of more than the few bytes kept
             kept = chunk[max(start, len(chunk) - _TAIL) :]
             self._tail = kept if found else (tail + kept)[-_TAIL:]
+            self._hold(chunk, start)
         else:
             self._tail = b""
         if completed:
@@ -189,6 +203,30 @@ class ResponseScanner:
             return None
         crlf = chunk[at - 1] == 13 if at else self._tail.endswith(b"\r")
         return b"\r\n\r\n" if crlf else b"\n\n"
+
+    def _hold(self, chunk: bytes, start: int) -> None:
+        """The unfinished event goes on in `chunk` from `start`."""
+        if self._open is None:
+            return
+        self._open.append((chunk, start))
+        self._open_bytes += len(chunk) - start
+        if self._open_bytes > EVENT_MAX:
+            self._open = None  # its usage will not be read: it is no usage chunk
+
+    def _close(self, chunk: bytes, start: int, end: int) -> None:
+        """The event that began in the pieces held (if any) ends at `end` of `chunk`; its
+        "usage", if it says it, is kept."""
+        pieces = self._open
+        if not pieces:
+            if pieces is not None and chunk.find(_USAGE, start, end) != -1:
+                self._usage = chunk[start:end]
+        else:
+            event = b"".join(piece[offset:] for piece, offset in pieces) + chunk[start:end]
+            if _USAGE in event:
+                self._usage = event
+        self._open = []
+        self._open_bytes = 0
+        self._data = False
 
     def _events(self, count: int) -> None:
         """`count` data events completed in the chunk that arrived now."""
@@ -213,7 +251,7 @@ def _usage_at(text: bytes, at: int) -> tuple[int, int] | None:
     if not rest.startswith(b"{"):
         return None  # "usage": null, as every chunk of an include_usage stream but the last
     try:
-        usage, _ = json.JSONDecoder().raw_decode(rest.decode("utf-8", "replace"))
+        usage, _ = _DECODER.raw_decode(rest.decode("utf-8", "replace"))
     except ValueError:
         return None  # cut by the window's start or end, or not JSON after all
     if not isinstance(usage, dict):
@@ -231,3 +269,6 @@ def _count(usage: dict[str, object], keys: tuple[str, ...]) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
     return None
+
+
+_DECODER = json.JSONDecoder()

@@ -10,7 +10,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.events import JSON, SSE, SSE_WINDOW, ResponseScanner, response_kind
+from proxy.events import EVENT_MAX, JSON, SSE, ResponseScanner, response_kind
 
 
 class Recorder:
@@ -208,12 +208,28 @@ def test_the_responses_api_spelling_is_read_too() -> None:
     assert Recorder(sse=False).feed([body]).scanner.usage() == (12, 34)
 
 
-def test_only_the_end_of_a_long_stream_is_kept() -> None:
-    """The scanner holds references to the chunks of its window's bytes, at most twice."""
-    recorder = Recorder().feed([b"data: %d\n\n" % i for i in range(10_000)])
+def test_a_long_stream_holds_nothing_but_its_last_usage_event() -> None:
+    chunks = [b"data: %d\n\n" % i for i in range(10_000)]
+    chunks[5000] = b'data: {"usage": {"prompt_tokens": 1, "completion_tokens": 2}}\n\n'
 
-    assert SSE_WINDOW <= sum(map(len, recorder.scanner._recent)) <= 2 * SSE_WINDOW
-    assert recorder.scanner.events == 10_000
+    scanner = Recorder().feed(chunks).scanner
+
+    assert scanner._usage is chunks[5000]  # a reference, not a copy
+    assert (scanner._open, scanner._recent) == ([], [])
+    assert scanner.events == 10_000
+    assert scanner.usage() == (1, 2)
+
+
+def test_an_event_too_large_to_hold_is_counted_without_its_usage() -> None:
+    usage = b'"usage": {"prompt_tokens": 1, "completion_tokens": 2}'
+    big = b"data: " + b"x" * (EVENT_MAX + 2000) + usage + b"\n\n"
+    pieces = [big[i : i + 1000] for i in range(0, len(big), 1000)]
+
+    scanner = Recorder().feed([b"data: a\n\n", *pieces, b"data: [DONE]\n\n"]).scanner
+
+    assert scanner.events == 3
+    assert scanner.usage() is None
+    assert scanner._open == []
 
 
 def test_events_in_one_read_are_apart_by_nothing() -> None:
