@@ -15,7 +15,6 @@ COLORS = {
     "nginx-tuned": "#2e7d32",
     "nginx-docker": "#81c784",
     "model-proxy": "#1565c0",
-    "model-proxy-noscan": "#90caf9",
 }
 
 

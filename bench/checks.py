@@ -57,22 +57,6 @@ def _at_most(text: str, value: float | None, limit: float, fmt: str = "{:.2f}x")
     return Check(text, fmt.format(value), value <= limit)
 
 
-def paired_cpu_ratio(results: Results, scenario: str, ours: str, theirs: str) -> float | None:
-    """The median over repetitions of `ours`'s CPU per unit over `theirs`'s in the same
-    repetition: run back to back, the two see the same machine, however busy it is."""
-    per_unit: dict[tuple[str, int], float] = {}
-    for run in results.runs:
-        m = run.measurement
-        if run.scenario == scenario and run.target in (ours, theirs) and m and m.count:
-            per_unit[(run.target, run.rep)] = run.proxy_cpu_s / m.count
-    ratios = [
-        per_unit[(ours, rep)] / per_unit[(theirs, rep)]
-        for target, rep in per_unit
-        if target == ours and per_unit.get((theirs, rep))
-    ]
-    return statistics.median(ratios) if ratios else None
-
-
 def checks(results: Results, cells: dict[str, dict[str, Cell]]) -> list[Check]:
     look = _Lookup(cells)
 
@@ -141,14 +125,6 @@ def checks(results: Results, cells: dict[str, dict[str, Cell]]) -> list[Check]:
         _at_least("10 MiB upload ≥ 0.9x nginx's MiB/s", look.ratio("upload-10MiB", rate), 0.9),
         _at_least("10 MiB download ≥ 0.9x nginx's MiB/s", look.ratio("download-10MiB", rate), 0.9),
         _at_least("WebSocket c16 ≥ 0.9x nginx's msgs/s", look.ratio("ws-c16", rate), 0.9),
-        # issue 12: what timing events and counting tokens cost (--targets with
-        # model-proxy-noscan; paired by repetition)
-        _at_most("1,000 streams: CPU per event with response scanning ≤ 1.05x without",
-                 paired_cpu_ratio(results, "sse-1000", "model-proxy", "model-proxy-noscan"),
-                 1.05, "{:.3f}x"),
-        _at_most("SSE c32: CPU per event with response scanning ≤ 1.05x without",
-                 paired_cpu_ratio(results, "sse-c32", "model-proxy", "model-proxy-noscan"),
-                 1.05, "{:.3f}x"),
     ]  # fmt: skip
     memory = results.memory.get("model-proxy")
     if memory is None:

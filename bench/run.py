@@ -22,7 +22,7 @@ from .figures import Results
 from .measure import Run, memory_at_rest, readiness_latency, run_once
 from .procs import LOADGEN_CPU
 from .scenarios import BY_NAME, SCENARIOS, Scenario
-from .targets import EXTRA_TARGETS, TARGET_NAMES, Target, start_all
+from .targets import TARGET_NAMES, Target, start_all
 
 BENCH = Path(__file__).resolve().parent
 MAX_RUN_SECONDS = 60.0
@@ -45,8 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--targets",
         default=",".join(TARGET_NAMES),
-        help=f"comma-separated subset of: {', '.join(TARGET_NAMES)}; also"
-        f" {', '.join(EXTRA_TARGETS)} (model-proxy without response scanning) when named",
+        help=f"comma-separated subset of: {', '.join(TARGET_NAMES)}",
     )
     parser.add_argument(
         "--output",
@@ -75,11 +74,12 @@ def _pick_scenarios(spec: str | None, quick: bool) -> list[Scenario]:
 
 def _pick_targets(spec: str) -> list[str]:
     names = spec.split(",")
-    known = (*TARGET_NAMES, *EXTRA_TARGETS)
-    unknown = [name for name in names if name not in known]
+    unknown = [name for name in names if name not in TARGET_NAMES]
     if unknown:
-        raise SystemExit(f"unknown target(s): {', '.join(unknown)}; known: {', '.join(known)}")
-    return [name for name in known if name in names]  # always in the same order
+        raise SystemExit(
+            f"unknown target(s): {', '.join(unknown)}; known: {', '.join(TARGET_NAMES)}"
+        )
+    return [name for name in TARGET_NAMES if name in names]  # always in the same order
 
 
 def _log(message: str) -> None:

@@ -19,9 +19,6 @@ from .backends import REPO, Backends
 from .procs import Service, free_port, http_status
 
 TARGET_NAMES = ("direct", "nginx-tuned", "nginx-docker", "model-proxy")
-# measured only when named in --targets: model-proxy with its response scanning turned off
-# (bench/noscan.py), beside model-proxy, for what timing events and counting tokens cost
-EXTRA_TARGETS = ("model-proxy-noscan",)
 REFERENCE = "nginx-tuned"  # every ratio is to this one
 READY_TIMEOUT = 30.0
 
@@ -125,9 +122,9 @@ def model_proxy_config(
     return path
 
 
-def start_model_proxy(config: Path, name: str, log: Path, module: str = "proxy") -> Service:
+def start_model_proxy(config: Path, name: str, log: Path) -> Service:
     return Service.start(
-        name, [sys.executable, "-m", module, "run", "--config", str(config)], log=log, cwd=REPO
+        name, [sys.executable, "-m", "proxy", "run", "--config", str(config)], log=log, cwd=REPO
     )
 
 
@@ -148,7 +145,6 @@ class ModelProxy:
     workdir: Path
     backends: Backends
     name: str = "model-proxy"
-    module: str = "proxy"  # what `python -m` runs
     services: dict[str, Service] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -156,12 +152,10 @@ class ModelProxy:
         for backend, server_port in self.backends.ports.items():
             port = free_port()
             config = model_proxy_config(
-                self.workdir, name=f"{self.name}-{backend}", port=port, server_port=server_port
+                self.workdir, name=f"model-proxy-{backend}", port=port, server_port=server_port
             )
-            log = self.workdir / f"{self.name}-{backend}.log"
-            self.services[backend] = start_model_proxy(
-                config, f"{self.name} ({backend})", log, self.module
-            )
+            log = self.workdir / f"model-proxy-{backend}.log"
+            self.services[backend] = start_model_proxy(config, f"model-proxy ({backend})", log)
             self.ports[backend] = port
         for backend, service in self.services.items():
             wait_ready(service, self.ports[backend])
@@ -196,13 +190,11 @@ def start_all(
             target = NginxProxy(name, server, ports)
             cleanup.callback(target.stop)
             server.start()
-        elif name in ("model-proxy", "model-proxy-noscan"):
-            module = "proxy" if name == "model-proxy" else "bench.noscan"
-            target = ModelProxy(workdir, backends, name=name, module=module)
+        elif name == "model-proxy":
+            target = ModelProxy(workdir, backends)
             cleanup.callback(target.stop)
             target.start()
         else:
-            known = ", ".join((*TARGET_NAMES, *EXTRA_TARGETS))
-            raise ValueError(f"unknown target {name!r}; known: {known}")
+            raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGET_NAMES)}")
         targets.append(target)
     return targets

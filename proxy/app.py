@@ -263,8 +263,8 @@ class Proxy:
         return ResponseScanner(
             sse=kind == SSE,
             arrived_at=exchange.arrived_at,
-            on_first=metrics.time_to_first_event[route].observe,
-            on_gap=metrics.inter_event[route].observe,
+            first=metrics.time_to_first_event[route],
+            gaps=metrics.inter_event[route],
         )
 
     def _count_messages(self, direction: str, count: int) -> None:

@@ -4,11 +4,12 @@ counts of an OpenAI-style `usage` object, with no copy of the stream and no dela
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
 from collections.abc import Callable
 from time import monotonic
+from typing import Protocol
 
 Headers = list[tuple[bytes, bytes]]
-Observe = Callable[[float], None]
 
 SSE, JSON = "sse", "json"
 # a JSON body's `usage` is near its end: its last bytes are kept (as references to its
@@ -23,6 +24,17 @@ _USAGE = b'"usage"'
 _USAGE_TRIES = 4  # a nested "usage" key may come after the top-level one
 _PROMPT_KEYS = ("prompt_tokens", "input_tokens")  # Chat Completions; Responses API
 _COMPLETION_KEYS = ("completion_tokens", "output_tokens")
+
+
+class Histogram(Protocol):
+    """Where event times go (metrics.Histogram): the gaps are counted into it inline, as
+    that runs for every event of every stream."""
+
+    buckets: tuple[float, ...]  # upper bounds, sorted
+    counts: list[int]  # one per bucket, and +Inf last
+    total: float
+
+    def observe(self, value: float) -> None: ...
 
 
 def response_kind(headers: Headers) -> str | None:
@@ -53,12 +65,12 @@ class ResponseScanner:
     """
 
     __slots__ = (
-        "_arrived_at",
         "_clock",
         "_data",
+        "_fast",
+        "_first",
+        "_gaps",
         "_last_event_at",
-        "_on_first",
-        "_on_gap",
         "_open",
         "_open_bytes",
         "_recent",
@@ -76,15 +88,17 @@ class ResponseScanner:
         *,
         sse: bool,
         arrived_at: float,
-        on_first: Observe,
-        on_gap: Observe,
+        first: Histogram,
+        gaps: Histogram,
         clock: Callable[[], float] = monotonic,
     ) -> None:
         self._sse = sse
-        self._arrived_at = arrived_at
-        self._on_first = on_first
-        self._on_gap = on_gap
+        self._first = first  # the time to the first event
+        self._gaps = gaps  # the time between events
         self._clock = clock
+        # the separator, while the stream is at an event's start and its separator known:
+        # then a read that is one whole event takes the short way
+        self._fast: bytes | None = None
         self._recent: list[bytes] = []  # JSON: the body's last chunks
         self._recent_bytes = 0
         self._sep: bytes | None = None  # b"\n\n" or b"\r\n\r\n", from the first line's end
@@ -94,31 +108,34 @@ class ResponseScanner:
         self._open: list[tuple[bytes, int]] | None = []
         self._open_bytes = 0
         self._usage = b""  # the last event that says "usage"
-        self._last_event_at = 0.0
+        self._last_event_at = arrived_at  # so that the first "gap" is the time to it
         self.events = 0  # data events seen
         self.first_event_at: float | None = None
 
     def feed(self, chunk: bytes) -> None:
-        if not self._sse:
-            self._keep(chunk)
-            return
-        sep = self._sep
-        # the usual token stream: each read is one whole event (its one separator ends it);
-        # inline, as it runs for every event
-        if sep is not None and not self._tail and chunk.find(sep) == len(chunk) - len(sep) >= 0:
+        # the usual token stream: each read is one whole event (its one separator ends it).
+        # This runs for every event: written for the fewest steps and objects touched
+        sep = self._fast
+        if sep is not None and chunk.find(sep) == len(chunk) - len(sep) >= 0:
             if _USAGE in chunk:
                 self._usage = chunk
             if chunk.startswith(_DATA) or _DATA in chunk:
                 now = self._clock()
+                gap = now - self._last_event_at
+                self._last_event_at = now
                 self.events += 1
                 if self.first_event_at is None:
                     self.first_event_at = now
-                    self._on_first(now - self._arrived_at)
+                    self._first.observe(gap)
                 else:
-                    self._on_gap(now - self._last_event_at)
-                self._last_event_at = now
+                    gaps = self._gaps
+                    gaps.counts[bisect_left(gaps.buckets, gap)] += 1
+                    gaps.total += gap
+        elif not self._sse:
+            self._keep(chunk)
         elif chunk:
             self._scan(chunk)
+            self._fast = None if self._tail else self._sep
 
     def usage(self) -> tuple[int, int] | None:
         """(prompt, completion) tokens of the response's last `usage` object, if any."""
@@ -234,11 +251,11 @@ class ResponseScanner:
         self.events += count
         if self.first_event_at is None:
             self.first_event_at = now
-            self._on_first(now - self._arrived_at)
+            self._first.observe(now - self._last_event_at)
         else:
-            self._on_gap(now - self._last_event_at)
+            self._gaps.observe(now - self._last_event_at)
         for _ in range(count - 1):
-            self._on_gap(0.0)  # arrived in the same read as the one before
+            self._gaps.observe(0.0)  # arrived in the same read as the one before
         self._last_event_at = now
 
 

@@ -11,6 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.events import EVENT_MAX, JSON, SSE, ResponseScanner, response_kind
+from proxy.metrics import Histogram
+
+WHOLE_NUMBERS = tuple(float(n) for n in range(1000))  # a bucket for each number of chunks
+
+
+def observed(histogram: Histogram) -> list[float]:
+    """The values observed, smallest first: each is a whole number of chunks, in its own
+    bucket."""
+    return [
+        bound for bound, count in zip(histogram.buckets, histogram.counts, strict=False)
+        for _ in range(count)
+    ]  # fmt: skip
 
 
 class Recorder:
@@ -18,15 +30,23 @@ class Recorder:
 
     def __init__(self, *, sse: bool = True) -> None:
         self.now = 0.0
-        self.first: list[float] = []
-        self.gaps: list[float] = []
+        self.times = (Histogram(WHOLE_NUMBERS), Histogram(WHOLE_NUMBERS))
         self.scanner = ResponseScanner(
             sse=sse,
             arrived_at=-1.0,
-            on_first=self.first.append,
-            on_gap=self.gaps.append,
+            first=self.times[0],
+            gaps=self.times[1],
             clock=lambda: self.now,
         )
+
+    @property
+    def first(self) -> list[float]:
+        return observed(self.times[0])
+
+    @property
+    def gaps(self) -> list[float]:
+        assert self.times[1].total == sum(observed(self.times[1]))
+        return observed(self.times[1])
 
     def feed(self, chunks: list[bytes]) -> Recorder:
         for index, chunk in enumerate(chunks):
@@ -69,7 +89,7 @@ def check_events(chunks: list[bytes]) -> None:
     assert recorder.scanner.events == len(indexes)
     if indexes:
         assert recorder.first == [indexes[0] + 1.0]  # against arrived_at = -1
-        assert recorder.gaps == [float(b - a) for a, b in itertools.pairwise(indexes)]
+        assert recorder.gaps == sorted(float(b - a) for a, b in itertools.pairwise(indexes))
     else:
         assert recorder.first == recorder.gaps == []
 
@@ -236,7 +256,7 @@ def test_events_in_one_read_are_apart_by_nothing() -> None:
     recorder = Recorder().feed([b"data: a\n\ndata: b\n\n", b"data: c\n\ndata: d\n\ndata: e\n\n"])
 
     assert recorder.first == [1.0]
-    assert recorder.gaps == [0.0, 1.0, 0.0, 0.0]
+    assert recorder.gaps == [0.0, 0.0, 0.0, 1.0]
 
 
 def test_which_responses_are_scanned() -> None:
