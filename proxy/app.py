@@ -275,7 +275,7 @@ class Proxy:
             self._http_done()
         arrived = exchange.arrived_at
         sent, answered = exchange.sent_at, exchange.first_byte_at
-        scanner = cast(ResponseScanner | None, exchange.scanner)  # made by _scanner
+        scanner = cast("ResponseScanner | None", exchange.scanner)  # made by _scanner
         first_event = events = None
         if scanner is not None:
             if (usage := scanner.usage()) is not None:
