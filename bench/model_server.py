@@ -2,7 +2,9 @@
 
     POST /predict          small JSON in, small JSON out; ?delay=S sleeps S first ("inference")
     GET  /stream           Server-Sent Events: ?n=50&interval=0.02, each event
-                           `data: {"i": i, "t": <unix time when written>}`, then `data: [DONE]`
+                           `data: {"i": i, "t": <unix time when written>}` (the last with an
+                           OpenAI-style `"usage"`, as a stream's last chunk has), then
+                           `data: [DONE]`
     GET  /ws               WebSocket echo
     GET  /health           200 once loaded (after --load-seconds), 503 before
 
@@ -42,7 +44,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
     for i in range(n):
         if i:
             await asyncio.sleep(interval)
-        await response.write(b'data: {"i": %d, "t": %.6f}\n\n' % (i, time.time()))
+        usage = b""
+        if i == n - 1:
+            usage = b', "usage": {"prompt_tokens": 8, "completion_tokens": %d}' % n
+        await response.write(b'data: {"i": %d, "t": %.6f%s}\n\n' % (i, time.time(), usage))
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response

@@ -113,7 +113,9 @@ def _run_scenarios(
             for target in targets:
                 run_once(scenario, target, servers, rep=-1, duration=warmup, workdir=workdir)
         for rep in range(reps):
-            for target in targets:  # interleaved: A B C D A B C D ...
+            # interleaved, every other repetition in reverse (A B C D D C B A ...): a target
+            # is not always the one that runs first after a warm-up or another's run
+            for target in targets if rep % 2 == 0 else targets[::-1]:
                 run = run_once(
                     scenario, target, servers, rep=rep, duration=duration, workdir=workdir
                 )

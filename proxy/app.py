@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import MutableSet
 from dataclasses import dataclass, field
+from typing import cast
 
 from prometheus_client import CollectorRegistry
 
@@ -22,15 +23,17 @@ from .errors import (
     ProxyError,
     Unauthorized,
 )
+from .events import SSE, ResponseScanner, response_kind
 from .forward import ProxyExchange, UpstreamPool
-from .framing import RequestHead
+from .framing import Headers, RequestHead
 from .headers import client_request_id
 from .limiter import Limiter
-from .local import LocalExchange
+from .local import Answer, DeferredExchange, LocalExchange
 from .logs import AccessLog
 from .metrics import CONTENT_TYPE, Gauges, Metrics
 from .paths import RouteMap, split_target
 from .protocol import ClientConnection, ConnectionLimits, Exchange
+from .upstream_metrics import UpstreamMetrics, exposed_names
 from .websocket import Timers, Tunnel
 
 JSON = b"application/json"
@@ -105,8 +108,16 @@ class Proxy:
                 queued=lambda: self.limiter.queued,
                 upstream_ready=lambda: self.state.ready,
                 websockets=lambda: len(self.tunnels),
+                concurrency_limit=lambda: self.limiter.max_concurrency,
             ),
         )
+        self.upstream_metrics: UpstreamMetrics | None = None
+        if settings.upstream_metrics_endpoint:
+            port = settings.upstream_metrics_port or config.docker_server.server_port
+            self.upstream_metrics = UpstreamMetrics(
+                f"http://127.0.0.1:{port}{settings.upstream_metrics_endpoint}",
+                reserved=exposed_names(self.metrics.render().decode()),
+            )
         self.draining = False  # /ready answers 503
         self.closed = False  # the listener is closed: late requests get 503 draining
         self.last_request_at = 0.0
@@ -156,6 +167,7 @@ class Proxy:
             buffer_body=settings.buffer_request_body_bytes,
             request_timeout=settings.request_timeout_seconds,
             on_upgrade=self._upgraded,
+            scan=self._scanner,
         )
 
     def _not_found(self, head: RequestHead, conn: ClientConnection) -> Exchange:
@@ -164,7 +176,7 @@ class Proxy:
         request_id = client_request_id(head)
         method = head.method.decode()
         self.metrics.not_found(method)
-        self._log_access("none", method, head, 404, request_id, 0.0, 0.0)
+        self._log_access("none", method, head, 404, request_id, Timings(0.0, first_byte=0.0))
 
         return LocalExchange.error(conn, head, NotFound(), request_id=request_id)
 
@@ -193,6 +205,8 @@ class Proxy:
         if path == b"/metrics":
             if self._metrics_key and not self._authorized(head):
                 return LocalExchange.error(conn, head, Unauthorized())  # not counted
+            if self.upstream_metrics is not None:
+                return DeferredExchange(conn, head, self._scrape)
             return LocalExchange(
                 conn, head, lambda: (200, [(b"Content-Type", CONTENT_TYPE)], self.metrics.render())
             )
@@ -202,6 +216,13 @@ class Proxy:
         # /health: a model server process runs; /ready: it takes traffic and we are not draining
         ok = self.state.running if path == b"/health" else self.state.ready and not self.draining
         return 200 if ok else 503, [(b"Content-Type", JSON)], self._status(ok)
+
+    async def _scrape(self) -> Answer:
+        """The proxy's metrics, and the model server's after them when they could be had."""
+        assert self.upstream_metrics is not None
+        families = await self.upstream_metrics.families()
+        self.metrics.upstream_metrics_up = families is not None
+        return 200, [(b"Content-Type", CONTENT_TYPE)], self.metrics.render() + (families or b"")
 
     def _status(self, ok: bool) -> bytes:
         state = self.state
@@ -256,6 +277,19 @@ class Proxy:
         self.no_tunnels.clear()
         tunnel.start(from_client, from_upstream)
 
+    def _scanner(self, exchange: ProxyExchange, headers: Headers) -> ResponseScanner | None:
+        """Event streams are timed and JSON bodies read for token usage as they pass."""
+        kind = response_kind(headers)
+        if kind is None:
+            return None
+        metrics, route = self.metrics, exchange.route
+        return ResponseScanner(
+            sse=kind == SSE,
+            arrived_at=exchange.arrived_at,
+            first=metrics.time_to_first_event[route],
+            gaps=metrics.inter_event[route],
+        )
+
     def _count_messages(self, direction: str, count: int) -> None:
         self.metrics.websocket_messages[direction] += count
 
@@ -265,31 +299,33 @@ class Proxy:
         if exchange.disconnect is not None:
             self.metrics.client_disconnects[exchange.disconnect] += 1
         arrived = exchange.arrived_at
+        sent, answered = exchange.sent_at, exchange.first_byte_at
+        scanner = cast("ResponseScanner | None", exchange.scanner)  # made by _scanner
+        first_event = events = None
+        if scanner is not None:
+            if (usage := scanner.usage()) is not None:
+                self.metrics.count_tokens(*usage)
+            if scanner.first_event_at is not None:
+                first_event, events = scanner.first_event_at - arrived, scanner.events
+        admitted, queued = exchange.admitted_at, exchange.queued_at
+        timings = Timings(
+            time.monotonic() - arrived,
+            first_byte=None if answered is None else answered - arrived,
+            queue_wait=None if admitted is None or queued is None else admitted - queued,
+            upstream=None if sent is None or answered is None else answered - sent,
+            first_event=first_event,
+            events=events,
+        )
+        rejected = exchange.error_kind if exchange.code in (413, 503) else None
         self._record(
-            exchange.route,
-            exchange.head,
-            exchange.code,
-            request_id=exchange.request_id,
-            duration=time.monotonic() - arrived,
-            first_byte=None if exchange.first_byte_at is None else exchange.first_byte_at - arrived,
-            queue_wait=None
-            if exchange.admitted_at is None or exchange.queued_at is None
-            else exchange.admitted_at - exchange.queued_at,
-            rejected=exchange.error_kind if exchange.code in (413, 503) else None,
+            exchange.route, exchange.head, exchange.code, exchange.request_id, timings, rejected
         )
 
     def _count_rejection(
         self, route: str, head: RequestHead, error: ProxyError, request_id: bytes
     ) -> None:
         self._record(
-            route,
-            head,
-            error.status,
-            request_id=request_id,
-            duration=0.0,
-            first_byte=0.0,
-            queue_wait=None,
-            rejected=error.kind,
+            route, head, error.status, request_id, Timings(0.0, first_byte=0.0), error.kind
         )
 
     def _record(
@@ -297,11 +333,8 @@ class Proxy:
         route: str,
         head: RequestHead,
         code: int,
-        *,
         request_id: bytes,
-        duration: float,
-        first_byte: float | None,
-        queue_wait: float | None,
+        timings: Timings,
         rejected: str | None,
     ) -> None:
         """Count a finished request, and write its access log line."""
@@ -310,12 +343,12 @@ class Proxy:
             route,
             method,
             code,
-            duration=duration,
-            time_to_first_byte=first_byte,
-            queue_wait=queue_wait,
+            duration=timings.duration,
+            time_to_first_byte=timings.first_byte,
+            queue_wait=timings.queue_wait,
             rejected=rejected,
         )
-        self._log_access(route, method, head, code, request_id, duration, first_byte)
+        self._log_access(route, method, head, code, request_id, timings)
 
     def _log_access(
         self,
@@ -324,25 +357,55 @@ class Proxy:
         head: RequestHead,
         code: int,
         request_id: bytes,
-        duration: float,
-        first_byte: float | None,
+        timings: Timings,
     ) -> None:
+        """One line, with, where they were seen, the queue wait, the model server's time to
+        answer, and a stream's first event and event count."""
         if self.access_log is None:
             return
         path = head.target.partition(b"?")[0].decode("latin-1")  # a query may hold secrets
-        duration_ms = round(duration * 1000, 3)
-        first_byte_ms = None if first_byte is None else round(first_byte * 1000, 3)
-        self.access_log.add(
-            '%s "%s %s" %d %.1fms id=%s',
-            (head.client_ip, method, path, code, duration_ms, request_id.decode("latin-1")),
-            {
-                "request_id": request_id.decode("latin-1"),
-                "client": head.client_ip,
-                "route": route,
-                "method": method,
-                "path": path,
-                "status": code,
-                "duration_ms": duration_ms,
-                "ttfb_ms": first_byte_ms,
-            },
-        )
+        duration_ms = _ms(timings.duration)
+        first_byte, queue_wait, upstream = timings.first_byte, timings.queue_wait, timings.upstream
+        first_event, events = timings.first_event, timings.events
+        fields: dict[str, object] = {
+            "request_id": request_id.decode("latin-1"),
+            "client": head.client_ip,
+            "route": route,
+            "method": method,
+            "path": path,
+            "status": code,
+            "duration_ms": duration_ms,
+            "ttfb_ms": _ms(first_byte),
+            "queue_ms": _ms(queue_wait),
+            "upstream_ms": _ms(upstream),
+        }
+        message = '%s "%s %s" %d %.1fms'
+        args: tuple[object, ...] = (head.client_ip, method, path, code, duration_ms)
+        if queue_wait is not None:
+            message += " queue=%.1fms"
+            args += (fields["queue_ms"],)
+        if upstream is not None:
+            message += " upstream=%.1fms"
+            args += (fields["upstream_ms"],)
+        if first_event is not None:
+            fields["ttfe_ms"] = _ms(first_event)
+            fields["events"] = events
+            message += " ttfe=%.1fms events=%d"
+            args += (fields["ttfe_ms"], events)
+        self.access_log.add(f"{message} id=%s", (*args, fields["request_id"]), fields)
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """One finished request's times, in seconds, for the histograms and the access log."""
+
+    duration: float
+    first_byte: float | None = None
+    queue_wait: float | None = None  # waiting for a slot
+    upstream: float | None = None  # request sent to the model server → its response head
+    first_event: float | None = None  # a Server-Sent Events stream's first data event
+    events: int | None = None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)

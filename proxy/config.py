@@ -94,6 +94,7 @@ class ProxySettings:
     grpc_upstream_port: int | None = None  # gRPC beside HTTP (MLServer 8081, Triton 8001)
     grpc_health_service: str = ""
     upstream_metrics_endpoint: str | None = None  # the child's own Prometheus endpoint
+    upstream_metrics_port: int | None = None  # where it listens (None: server_port)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,7 +155,12 @@ def load_config(path: Path, *, host: str | None = None, port: int | None = None)
     proxy_problems: list[str] = []
     proxy_section = _Section(raw_proxy, "proxy", proxy_problems, known=_PROXY_KEYS)
     presets_file = _presets_file(proxy_section, path.parent)
-    implementation, model_uri, docker = _docker_from_preset(top, model_name, presets_file)
+    implementation, model_uri, docker, preset_proxy = _docker_from_preset(
+        top, model_name, presets_file
+    )
+    # what the preset says of the proxy: settings the config's proxy: section does not name
+    # (a key set to null there is named: null turns the preset's value off)
+    proxy_section.data = {**preset_proxy, **proxy_section.data}
     runtime = top.child("runtime", known=_RUNTIME_KEYS)
     concurrency = runtime.integer("predict_concurrency", 1, low=1)
     health_section = runtime.child("health_checks", known=_HEALTH_KEYS)
@@ -176,6 +182,11 @@ def load_config(path: Path, *, host: str | None = None, port: int | None = None)
     if proxy.port and proxy.port == docker.server_port:  # 0: already reported as invalid
         problems.append(
             f"proxy.port: must differ from docker_server.server_port (got {proxy.port})"
+        )
+    if proxy.upstream_metrics_endpoint and proxy.upstream_metrics_port == proxy.port:
+        problems.append(
+            "proxy.upstream_metrics_port: must differ from proxy.port: the proxy would scrape"
+            f" itself (got {proxy.port})"
         )
     if proxy.grpc_upstream_port is not None and proxy.grpc_upstream_port == proxy.port:
         problems.append(f"proxy.grpc_upstream_port: must differ from proxy.port (got {proxy.port})")
@@ -281,9 +292,9 @@ def _read_yaml(path: Path) -> Mapping[Any, Any]:
 
 def _docker_from_preset(
     top: _Section, model_name: str | None, presets_file: Path | None
-) -> tuple[str | None, str | None, DockerServer]:
+) -> tuple[str | None, str | None, DockerServer, dict[str, Any]]:
     """docker_server, expanded from the server preset `implementation` names if it names one;
-    with the preset's name and the model_uri it was given."""
+    with the preset's name, the model_uri it was given and the proxy settings it fills."""
     implementation = top.text("implementation")
     model_uri = top.text("model_uri") or None
     args = top.child("preset_args")
@@ -301,7 +312,7 @@ def _docker_from_preset(
             top.fail(
                 "preset_args", "need implementation: the server preset they are for", args.data
             )
-        return None, None, _docker_server(top.child("docker_server", known=_DOCKER_KEYS))
+        return None, None, _docker_server(top.child("docker_server", known=_DOCKER_KEYS)), {}
     preset = registry and presets.find(registry, implementation)
     if registry is not None and preset is None:
         top.problems.append(f"implementation: {presets.unknown_preset(registry, implementation)}")
@@ -309,7 +320,7 @@ def _docker_from_preset(
         # said already (or said by _Section): check what the user wrote, without reporting
         # the keys the preset would have filled as missing
         section = _Section(raw, "docker_server", top.problems, known=_DOCKER_KEYS)
-        return None, None, _docker_server(section, complete=False)
+        return None, None, _docker_server(section, complete=False), {}
     expanded, problems = presets.expand(
         preset,
         explicit=raw or {},
@@ -321,7 +332,8 @@ def _docker_from_preset(
     section = _Section(
         expanded if not problems else raw, "docker_server", top.problems, known=_DOCKER_KEYS
     )
-    return preset.name, model_uri, _docker_server(section, complete=not problems)
+    docker = _docker_server(section, complete=not problems)
+    return preset.name, model_uri, docker, preset.proxy_settings()
 
 
 def _docker_server(section: _Section, *, complete: bool = True) -> DockerServer:
@@ -426,6 +438,8 @@ def _proxy_settings(
         grpc_upstream_port=section.integer("grpc_upstream_port", 0, low=1, high=65535) or None,
         grpc_health_service=section.text("grpc_health_service") or default.grpc_health_service,
         upstream_metrics_endpoint=section.endpoint("upstream_metrics_endpoint", query=True) or None,
+        upstream_metrics_port=section.integer("upstream_metrics_port", 0, low=1, high=65535)
+        or None,
     )
 
 

@@ -48,6 +48,18 @@ class Outcome(Protocol):
     def __call__(self, exchange: ProxyExchange) -> None: ...
 
 
+class Scanner(Protocol):
+    """Reads a response's body chunks as they pass (proxy/events.py)."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+
+class ScanResponse(Protocol):
+    """A scanner for the response whose head the model server sent, or None."""
+
+    def __call__(self, exchange: ProxyExchange, headers: Headers) -> Scanner | None: ...
+
+
 class OnUpgrade(Protocol):
     """Takes over both sockets once the model server answered 101."""
 
@@ -276,6 +288,7 @@ class ProxyExchange:
         "_replay",
         "_request_timeout",
         "_response_out",
+        "_scan",
         "_started",
         "_task",
         "_timer",
@@ -294,6 +307,8 @@ class ProxyExchange:
         "request_done",
         "request_id",
         "route",
+        "scanner",
+        "sent_at",
         "target",
         "upstream",
     )
@@ -312,6 +327,7 @@ class ProxyExchange:
         buffer_body: int,
         request_timeout: float | None,
         on_upgrade: OnUpgrade | None = None,
+        scan: ScanResponse | None = None,
     ) -> None:
         self.conn = conn
         self.head = head
@@ -328,6 +344,9 @@ class ProxyExchange:
         self.queued_at: float | None = None  # when it asked for a slot
         self.admitted_at: float | None = None
         self.first_byte_at: float | None = None
+        self.sent_at: float | None = None  # the request went to the model server
+        self._scan = scan
+        self.scanner: Scanner | None = None
         self.code = 0
         self.error_kind: str | None = None
         self.disconnect: str | None = None  # the phase in which the client left, if it did
@@ -484,8 +503,21 @@ class ProxyExchange:
                 self.head.keep_alive = False  # an HTTP/1.0 client reads until close
         if not self.head.keep_alive:
             lines.append(b"Connection: close")
+        lines.append(self._server_timing())
         self._response_out.append(b"\r\n".join(lines) + b"\r\n\r\n")
+        if self._scan is not None and not no_body:
+            self.scanner = self._scan(self, headers)
         return None if no_body else scanned.content_length
+
+    def _server_timing(self) -> bytes:
+        """How long the request waited for a slot, and for the model server's answer, in ms."""
+        admitted, sent, answered = self.admitted_at, self.sent_at, self.first_byte_at
+        queue = 0.0 if admitted is None else admitted - self.arrived_at
+        upstream = 0.0 if sent is None or answered is None else answered - sent
+        return b"Server-Timing: queue;dur=%.3f, upstream;dur=%.3f" % (
+            queue * 1000,
+            upstream * 1000,
+        )
 
     def switching_protocols(self, reason: bytes, headers: Headers) -> None:
         self._cancel_timer()
@@ -515,6 +547,8 @@ class ProxyExchange:
             self._finish(101)
 
     def response_body(self, chunk: bytes) -> None:
+        if self.scanner is not None:
+            self.scanner.feed(chunk)
         if self._chunked_out:
             self._response_out += (b"%x\r\n" % len(chunk), chunk, CHUNK_END)
         else:
@@ -606,6 +640,7 @@ class ProxyExchange:
 
     def _attach(self, upstream: UpstreamConnection) -> None:
         self.upstream = upstream
+        self.sent_at = monotonic()  # the caller flushes the request to it now
         upstream.begin(self, no_body=self.head.method == b"HEAD")
         self._replay = [] if upstream.reused else None
         if self._request_timeout is not None and self._timer is None:  # a resent one keeps it

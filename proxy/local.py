@@ -3,7 +3,9 @@ turn comes on the connection (never before: a pipelined burst must not pile them
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
@@ -12,6 +14,8 @@ from .framing import Headers, RequestHead
 
 if TYPE_CHECKING:
     from .protocol import ClientConnection
+
+log = logging.getLogger("model_proxy")
 
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 Answer = tuple[int, Headers, bytes]  # status, headers, body
@@ -38,7 +42,7 @@ def error_headers(error: ProxyError) -> Headers:
 class LocalExchange:
     """One request the proxy answers itself; `answer()` runs when its turn comes."""
 
-    __slots__ = ("_answer", "_close", "_conn", "_head_only", "_request_done", "_started")
+    __slots__ = ("_answer", "_close", "_conn", "_head_only", "_request_done", "_written")
 
     def __init__(
         self,
@@ -53,7 +57,7 @@ class LocalExchange:
         # a WebSocket handshake refused here leaves bytes behind it that are no HTTP
         self._close = close or not head.keep_alive or head.websocket
         self._head_only = head.method == b"HEAD"
-        self._started = False
+        self._written = False
         self._request_done = False
 
     @classmethod
@@ -79,11 +83,14 @@ class LocalExchange:
         return cls(conn, head, lambda: (error.status, headers, body), close=close)
 
     def start(self) -> None:
-        self._started = True
-        status, headers, body = self._answer()
+        self._send(self._answer())
+
+    def _send(self, answer: Answer) -> None:
+        status, headers, body = answer
         self._conn.write(
             render_response(status, headers, body, close=self._close, head_only=self._head_only)
         )
+        self._written = True
         if self._request_done:
             self._done()
 
@@ -92,7 +99,7 @@ class LocalExchange:
 
     def request_end(self) -> None:
         self._request_done = True
-        if self._started:
+        if self._written:
             self._done()
 
     def request_failed(self, error: ProxyError) -> None:
@@ -115,3 +122,41 @@ class LocalExchange:
 
     def _done(self) -> None:
         self._conn.response_done(self, keep_alive=not self._close, request_done=True)
+
+
+class DeferredExchange(LocalExchange):
+    """A local answer a coroutine makes (/metrics merged with the model server's): awaited
+    from its turn on, written when made; a client that leaves cancels it."""
+
+    __slots__ = ("_produce", "_task")
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        produce: Callable[[], Awaitable[Answer]],
+    ) -> None:
+        super().__init__(conn, head, _unused)
+        self._produce = produce
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._answer_later())
+
+    async def _answer_later(self) -> None:
+        try:
+            answer = await self._produce()
+        except Exception:
+            # a bug, not a state of the model server: the client must not wait forever
+            log.exception("cannot make a local answer")
+            self._conn.abort()
+            return
+        self._send(answer)
+
+    def client_lost(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+def _unused() -> Answer:
+    raise AssertionError("a DeferredExchange's answer comes from its coroutine")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -20,8 +20,14 @@ BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
+# the gaps between a stream's events (tokens): finer where inter-token latency lives
+EVENT_GAP_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+)  # fmt: skip
 ROUTES = ("predict", "sync")
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
+TOKEN_KINDS = ("prompt", "completion")
 DISCONNECT_PHASES = ("queued", "waiting", "streaming")
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -29,20 +35,21 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 class Histogram:
     """Bucket counts without locks: the event loop is the only writer."""
 
-    __slots__ = ("counts", "total")
+    __slots__ = ("buckets", "counts", "total")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
+    def __init__(self, buckets: tuple[float, ...] = BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
         self.total = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect_left(BUCKETS, value)] += 1
+        self.counts[bisect_left(self.buckets, value)] += 1
         self.total += value
 
     def cumulative(self) -> list[tuple[str, float]]:
         running = 0
         points: list[tuple[str, float]] = []
-        for bound, count in zip((*map(str, BUCKETS), "+Inf"), self.counts, strict=True):
+        for bound, count in zip((*map(str, self.buckets), "+Inf"), self.counts, strict=True):
             running += count
             points.append((bound, running))
         return points
@@ -58,11 +65,13 @@ class Gauges:
         queued: Callable[[], int],
         upstream_ready: Callable[[], bool],
         websockets: Callable[[], int],
+        concurrency_limit: Callable[[], int],
     ) -> None:
         self.in_flight = in_flight
         self.queued = queued
         self.upstream_ready = upstream_ready
         self.websockets = websockets
+        self.concurrency_limit = concurrency_limit
 
 
 class Metrics(Collector):
@@ -77,7 +86,14 @@ class Metrics(Collector):
         self.duration = {route: Histogram() for route in ROUTES}
         self.time_to_first_byte = {route: Histogram() for route in ROUTES}
         self.queue_wait = Histogram()
+        # Server-Sent Events: observed as each event passes (proxy/events.py)
+        self.time_to_first_event = {route: Histogram() for route in ROUTES}
+        self.inter_event = {route: Histogram(EVENT_GAP_BUCKETS) for route in ROUTES}
+        self.tokens = dict.fromkeys(TOKEN_KINDS, 0)
+        self.upstream_metrics_up = False  # the model server's metrics merged in this scrape
+        self.client_disconnects = dict.fromkeys(DISCONNECT_PHASES, 0)
         registry.register(self)
+        ProcessCollector(registry=registry)  # process_*: CPU, memory, file descriptors
 
     def request_finished(
         self,
@@ -104,6 +120,10 @@ class Metrics(Collector):
         """The proxy's own 404, counted as route "none" (and in no latency histogram)."""
         key = ("none", method, 404)
         self.requests[key] = self.requests.get(key, 0) + 1
+
+    def count_tokens(self, prompt: int, completion: int) -> None:
+        self.tokens["prompt"] += prompt
+        self.tokens["completion"] += completion
 
     def render(self) -> bytes:
 
@@ -182,6 +202,34 @@ class Metrics(Collector):
         for phase, count in self.client_disconnects.items():
             disconnects.add_metric([phase], count)
         yield disconnects
+        yield GaugeMetricFamily(
+            "model_proxy_concurrency_limit",
+            "Requests allowed to hold a slot at once (predict_concurrency).",
+            value=gauges.concurrency_limit(),
+        )
+        yield self._histograms(
+            "model_proxy_time_to_first_event_seconds",
+            "Server-Sent Events responses: time from request arrival to the first data event.",
+            self.time_to_first_event,
+        )
+        yield self._histograms(
+            "model_proxy_inter_event_seconds",
+            "Server-Sent Events responses: time between consecutive data events.",
+            self.inter_event,
+        )
+        tokens = CounterMetricFamily(
+            "model_proxy_tokens",
+            "Tokens reported by OpenAI-style usage objects in responses and streams, by kind.",
+            labels=["kind"],
+        )
+        for kind, count in self.tokens.items():
+            tokens.add_metric([kind], count)
+        yield tokens
+        yield GaugeMetricFamily(
+            "model_proxy_upstream_metrics_up",
+            "1 when the model server's own metrics were merged into this scrape.",
+            value=1 if self.upstream_metrics_up else 0,
+        )
 
     @staticmethod
     def _histograms(name: str, documentation: str, by_route: dict[str, Histogram]) -> Metric:

@@ -1,5 +1,6 @@
 """Server presets: the registry (built-in plus a user's file) and the expansion of
-`implementation` + `model_uri` (+ `preset_args`) into `docker_server` settings."""
+`implementation` + `model_uri` (+ `preset_args`) into `docker_server` settings, and the
+proxy settings a server calls for (where its own Prometheus metrics are)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ BUILT_IN = "built-in"
 PORT, MODEL_URI, MODEL_NAME, EXTRA_ARGS = "port", "model_uri", "model_name", "extra_args"
 _BUILT_IN_VALUES = (PORT, MODEL_URI, MODEL_NAME)
 _TEMPLATES = ("start_command", "predict_endpoint", "readiness_endpoint", "liveness_endpoint")
-_ENTRY_KEYS = ("description", "docs", "server_port", "args", *_TEMPLATES)
+_METRICS_KEYS = ("metrics_endpoint", "metrics_port")
+_ENTRY_KEYS = ("description", "docs", "server_port", "args", *_TEMPLATES, *_METRICS_KEYS)
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 _SHOW_MAX = 80
 
@@ -42,12 +44,24 @@ class Preset:
     liveness_endpoint: str | None = None
     # an arg's default; None: the user must give it in preset_args
     args: Mapping[str, str | None] = field(default_factory=dict)
+    # the server's own Prometheus endpoint, and its port when not server_port's
+    metrics_endpoint: str | None = None
+    metrics_port: int | None = None
     docs: str | None = None
     source: str = BUILT_IN
 
     def templates(self) -> dict[str, str]:
         """The docker_server keys this preset fills, as templates."""
         return {key: value for key in _TEMPLATES if (value := getattr(self, key)) is not None}
+
+    def proxy_settings(self) -> dict[str, Any]:
+        """The proxy: keys this preset fills where the config does not name them."""
+        if self.metrics_endpoint is None:
+            return {}
+        return {
+            "upstream_metrics_endpoint": self.metrics_endpoint,
+            "upstream_metrics_port": self.metrics_port,
+        }
 
 
 def builtin_registry() -> dict[str, Preset]:
@@ -81,6 +95,9 @@ def describe(preset: Preset) -> str:
         "liveness": preset.liveness_endpoint or "(the process runs)",
         "start": preset.start_command,
     }
+    if preset.metrics_endpoint:
+        port = "" if preset.metrics_port is None else f"port {preset.metrics_port}, "
+        rows["metrics"] = f"{port}{preset.metrics_endpoint}"
     if preset.args:
         rows["args"] = ", ".join(
             arg if default is None else f"{arg}={default}" for arg, default in preset.args.items()
@@ -255,13 +272,21 @@ def _entry(
     for key in ("description", "start_command", "predict_endpoint"):
         if not isinstance(entry.get(key), str) or not entry[key].strip():
             fail(key, "required, a non-empty string")
-    for key in ("docs", "readiness_endpoint", "liveness_endpoint"):
+    for key in ("docs", "readiness_endpoint", "liveness_endpoint", "metrics_endpoint"):
         if entry.get(key) is not None and not isinstance(entry[key], str):
             fail(key, "must be a string")
     port = entry.get("server_port")
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         fail("server_port", "required, an integer between 1 and 65535")
         port = 0
+    metrics_endpoint = entry.get("metrics_endpoint")
+    if isinstance(metrics_endpoint, str) and not metrics_endpoint.startswith("/"):
+        fail("metrics_endpoint", 'must start with "/"')
+    metrics_port = entry.get("metrics_port")
+    if metrics_port is not None and not _is_port(metrics_port):
+        fail("metrics_port", "must be an integer between 1 and 65535")
+    elif metrics_port is not None and metrics_endpoint is None:
+        fail("metrics_port", "needs metrics_endpoint")
     raw_args = entry.get("args") or {}
     args: dict[str, str | None] = {}
     if not isinstance(raw_args, Mapping):
@@ -305,9 +330,15 @@ def _entry(
         readiness_endpoint=entry.get("readiness_endpoint"),
         liveness_endpoint=entry.get("liveness_endpoint"),
         args=args,
+        metrics_endpoint=metrics_endpoint,
+        metrics_port=metrics_port,
         docs=entry.get("docs"),
         source=source,
     )
+
+
+def _is_port(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
 
 
 def _show(value: object) -> str:

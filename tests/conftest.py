@@ -6,7 +6,9 @@
   own (uvloop) event loop, with the model server marked ready, for forwarding tests;
 - `run_proxy(config_path)`: the real CLI (`python -m proxy run`) as a subprocess, its log
   lines readable with `wait_for_log`, for lifecycle, signal and drain tests;
-- `write_config(...)`: a Truss-style config.yaml, by default in front of examples/echo.
+- `write_config(...)`: a Truss-style config.yaml, by default in front of examples/echo;
+- `promtool_problems(text)`: what Prometheus' own `promtool check metrics` finds in an
+  exposition (when .ci/run or the machine provides promtool).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -259,6 +262,29 @@ async def run_proxy(config: Path, *, wait_ready: bool = True) -> AsyncIterator[R
                 process.kill()
                 await process.wait()
         running._reader.cancel()
+
+
+# .ci/run takes promtool from Debian's prometheus package and says where in $PROMTOOL
+PROMTOOL = os.environ.get("PROMTOOL") or shutil.which("promtool")
+
+
+async def promtool_problems(exposition: str) -> list[str] | None:
+    """`promtool check metrics` on `exposition`: its complaints, one a line, each naming the
+    metric first (a parse error starts with "error"); None when promtool is not here."""
+    if PROMTOOL is None:
+        return None
+    process = await asyncio.create_subprocess_exec(
+        PROMTOOL,
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await process.communicate(exposition.encode())
+    problems = out.decode().splitlines()
+    assert (process.returncode == 0) == (not problems), out  # 3: lint problems, 1: errors
+    return problems
 
 
 def process_alive(pid: int) -> bool:

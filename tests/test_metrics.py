@@ -30,6 +30,16 @@ CONTRACT = {
     "model_proxy_upstream_restarts_total": ("counter", set()),
     "model_proxy_websocket_connections": ("gauge", set()),
     "model_proxy_websocket_messages_total": ("counter", {"direction"}),
+    "model_proxy_client_disconnects_total": ("counter", {"phase"}),
+    "model_proxy_concurrency_limit": ("gauge", set()),
+    "model_proxy_time_to_first_event_seconds": ("histogram", {"route"}),
+    "model_proxy_inter_event_seconds": ("histogram", {"route"}),
+    "model_proxy_tokens_total": ("counter", {"kind"}),
+    "model_proxy_upstream_metrics_up": ("gauge", set()),
+    # prometheus-client's process collector, on the proxy's own registry
+    "process_cpu_seconds_total": ("counter", set()),
+    "process_resident_memory_bytes": ("gauge", set()),
+    "process_open_fds": ("gauge", set()),
 }
 
 
@@ -96,8 +106,20 @@ async def test_every_family_is_exposed_with_its_type_before_any_request(tmp_path
     assert samples["model_proxy_websocket_connections"] == 0
     for direction in ("client_to_upstream", "upstream_to_client"):
         assert samples[f'model_proxy_websocket_messages_total{{direction="{direction}"}}'] == 0
+    for phase in ("queued", "waiting", "streaming"):
+        assert samples[f'model_proxy_client_disconnects_total{{phase="{phase}"}}'] == 0
+    for kind in ("prompt", "completion"):
+        assert samples[f'model_proxy_tokens_total{{kind="{kind}"}}'] == 0
+    assert samples["model_proxy_concurrency_limit"] == 4  # write_config's predict_concurrency
+    assert samples["model_proxy_upstream_metrics_up"] == 0  # none configured
+    assert samples["process_resident_memory_bytes"] > 0
     for route in ("predict", "sync"):
-        for histogram in ("request_duration", "time_to_first_byte"):
+        for histogram in (
+            "request_duration",
+            "time_to_first_byte",
+            "time_to_first_event",
+            "inter_event",
+        ):
             key = f'model_proxy_{histogram}_seconds_count{{route="{route}"}}'
             assert samples[key] == 0
     assert samples["model_proxy_queue_wait_seconds_count"] == 0

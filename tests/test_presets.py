@@ -41,6 +41,16 @@ KNOWN_SERVERS = {
 ARGS = {"SELDON_MICROSERVICE": {"model_class": "Model"}}
 # servers with no way to bind them to 127.0.0.1 (servers.yaml says so)
 LISTENS_EVERYWHERE = {"SELDON_MICROSERVICE"}
+# name: (metrics endpoint, its port) of the servers that serve Prometheus metrics
+METRICS = {
+    "VLLM": ("/metrics", 8000),
+    "SGLANG": ("/metrics", 30000),  # with --enable-metrics
+    "TGI": ("/metrics", 3000),
+    "TRITON_SERVER": ("/metrics", 8002),
+    "MLSERVER": ("/metrics", 8082),
+    "SELDON_MICROSERVICE": ("/metrics", 6000),
+    "LLAMA_CPP": ("/metrics", 8000),  # with --metrics
+}
 
 
 def write(directory: Path, data: dict[str, Any], name: str = "config.yaml") -> Path:
@@ -57,6 +67,9 @@ def problems(directory: Path, **data: Any) -> list[str]:
     with pytest.raises(ConfigError) as caught:
         load(directory, **data)
     return caught.value.problems
+
+
+VALID_ENTRY = {"description": "d", "start_command": "s", "server_port": 1, "predict_endpoint": "/"}
 
 
 def user_registry(directory: Path, servers: dict[str, Any], name: str = "servers.yaml") -> Path:
@@ -100,6 +113,9 @@ def test_each_known_server_expands_to_its_real_defaults(tmp_path: Path, name: st
     # interface would answer on its own port without the key
     if name not in LISTENS_EVERYWHERE:
         assert "127.0.0.1" in server.start_command
+    endpoint, metrics_port = METRICS.get(name, (None, None))
+    assert config.proxy.upstream_metrics_endpoint == endpoint
+    assert (config.proxy.upstream_metrics_port or server.server_port) == (metrics_port or port)
 
 
 def test_the_registry_covers_the_servers_users_run() -> None:
@@ -345,6 +361,49 @@ def test_every_problem_is_reported_with_its_path(
     assert problems(tmp_path, **data) == expected
 
 
+def test_a_presets_metrics_endpoint_yields_to_the_configs_own(tmp_path: Path) -> None:
+    triton = {"implementation": "TRITON_SERVER", "model_uri": "/models", "model_name": "m"}
+
+    preset = load(tmp_path, **triton).proxy
+    moved = load(tmp_path, **triton, proxy={"upstream_metrics_port": 9102}).proxy
+    off = load(tmp_path, **triton, proxy={"upstream_metrics_endpoint": None}).proxy
+    own = load(
+        tmp_path,
+        docker_server={"start_command": "s", "server_port": 1, "predict_endpoint": "/"},
+        proxy={"upstream_metrics_endpoint": "/stats?format=prometheus"},
+    ).proxy
+
+    assert (preset.upstream_metrics_endpoint, preset.upstream_metrics_port) == ("/metrics", 8002)
+    assert (moved.upstream_metrics_endpoint, moved.upstream_metrics_port) == ("/metrics", 9102)
+    assert off.upstream_metrics_endpoint is None  # null turns the preset's off
+    assert (own.upstream_metrics_endpoint, own.upstream_metrics_port) == (
+        "/stats?format=prometheus",
+        None,  # the model server's own port
+    )
+    # `check` shows what the preset filled, and what it shows loads back the same
+    for proxy in ({}, {"upstream_metrics_endpoint": None}):
+        path = write(tmp_path, {**triton, "proxy": proxy})
+        code, out, _ = run_cli("check", "--config", str(path))
+        assert code == 0
+        again = tmp_path / "again.yaml"
+        again.write_text(out)
+        assert load_config(again) == load_config(path)
+
+
+def test_a_metrics_port_must_not_be_the_proxys_own(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        implementation="VLLM",
+        model_uri="m",
+        proxy={"upstream_metrics_port": 8080, "upstream_metrics_endpoint": "/metrics"},
+    )
+
+    assert found == [
+        "proxy.upstream_metrics_port: must differ from proxy.port: the proxy would scrape"
+        " itself (got 8080)"
+    ]
+
+
 def test_a_user_registry_adds_and_replaces_presets(tmp_path: Path) -> None:
     registry = user_registry(
         tmp_path,
@@ -384,6 +443,17 @@ def test_a_user_registry_adds_and_replaces_presets(tmp_path: Path) -> None:
     ("servers", "expected"),
     [
         (
+            {
+                "X": {**VALID_ENTRY, "metrics_endpoint": "metrics", "metrics_port": 70000},
+                "Y": {**VALID_ENTRY, "metrics_port": 9102},
+            },
+            [
+                'servers.X.metrics_endpoint: must start with "/" (got "metrics")',
+                "servers.X.metrics_port: must be an integer between 1 and 65535 (got 70000)",
+                "servers.Y.metrics_port: needs metrics_endpoint (got 9102)",
+            ],
+        ),
+        (
             {"X": {"description": "d", "server_port": 0, "predict_endpoint": "p"}},
             [
                 "servers.X.start_command: required, a non-empty string (got null)",
@@ -403,7 +473,8 @@ def test_a_user_registry_adds_and_replaces_presets(tmp_path: Path) -> None:
             },
             [
                 "servers.X.port: unknown key; expected one of description, docs, server_port,"
-                " args, start_command, predict_endpoint, readiness_endpoint, liveness_endpoint",
+                " args, start_command, predict_endpoint, readiness_endpoint, liveness_endpoint,"
+                " metrics_endpoint, metrics_port",
                 'servers.X.start_command: unknown placeholder {model} (got "run {model}")',
                 "servers.X.predict_endpoint: unknown format {model_uri:json}"
                 ' (got "/{model_uri:json}")',
@@ -493,6 +564,7 @@ def test_presets_lists_name_port_endpoints_and_start_template() -> None:
     assert [block.split()[0] for block in blocks] == list(presets.load_registry())
     [mlserver] = [block for block in blocks if block.startswith("MLSERVER ")]
     assert "  port       8000\n" in mlserver
+    assert "  metrics    port 8082, /metrics\n" in mlserver
     assert "  readiness  /v2/models/{model_name}/ready\n" in mlserver
     assert "mlserver start {model_uri}" in mlserver
 

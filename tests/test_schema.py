@@ -282,6 +282,10 @@ async def test_the_dashboard_queries_exactly_the_proxys_metrics(tmp_path: Path) 
     used = {name for expr in expressions for name in re.findall(r"model_proxy_\w+", expr)}
 
     assert used <= exposed, used - exposed
+    # vLLM's own, when its metrics are merged (both names of its KV-cache gauge)
+    vllm = {name for expr in expressions for name in re.findall(r"vllm:\w+", expr)}
+    assert {"vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"} <= vllm
+    assert "vllm:num_requests_waiting" in vllm
     # every family has a panel
     assert {
         family for family, kind in families.items() if sample_names(family, kind) & used

@@ -1,5 +1,7 @@
 """A Starlette app served by uvicorn, the shape of most hand-written model servers: JSON
-predictions, a token stream as Server-Sent Events, and a WebSocket.
+predictions, a token stream as Server-Sent Events, an OpenAI-compatible chat completions
+route (a "model" that answers the prompt's words backwards), its own Prometheus metrics,
+and a WebSocket.
 
     uvicorn app:app --app-dir examples/asgi --host 127.0.0.1 --port 8000
 """
@@ -7,15 +9,22 @@ predictions, a token stream as Server-Sent Events, and a WebSocket.
 import asyncio
 import json
 import os
+import time
+import uuid
 from collections.abc import AsyncIterator
 
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 MODEL = os.environ.get("MODEL_NAME", "asgi-demo")
+# how long the "model" takes to its first token (prefill), and between tokens
+FIRST_TOKEN_SECONDS = float(os.environ.get("FIRST_TOKEN_SECONDS", "0.1"))
+TOKEN_INTERVAL_SECONDS = float(os.environ.get("TOKEN_INTERVAL_SECONDS", "0.02"))
+COMPLETION_TOKENS = Counter("asgi_demo_completion_tokens", "Tokens generated.")
 
 
 async def health(request: Request) -> JSONResponse:
@@ -49,6 +58,56 @@ async def generate(request: Request) -> StreamingResponse:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+async def chat_completions(request: Request) -> Response:
+    """OpenAI's POST /v1/chat/completions: a JSON answer, or with `"stream": true` a
+    chat.completion.chunk per token, and with `stream_options.include_usage` a last chunk
+    with the usage (every other chunk says `"usage": null`), then `data: [DONE]`."""
+    body = await request.json()
+    words = " ".join(
+        str(message.get("content", "")) for message in body.get("messages", [])
+    ).split()
+    tokens = list(reversed(words))[: body.get("max_tokens") or len(words)]
+    usage = {
+        "prompt_tokens": len(words),
+        "completion_tokens": len(tokens),
+        "total_tokens": len(words) + len(tokens),
+    }
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": MODEL}
+    if not body.get("stream"):
+        await asyncio.sleep(FIRST_TOKEN_SECONDS + TOKEN_INTERVAL_SECONDS * len(tokens[1:]))
+        COMPLETION_TOKENS.inc(len(tokens))
+        message = {"role": "assistant", "content": " ".join(tokens)}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        return JSONResponse(
+            {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+        )
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+    def chunk(choices: list[dict[str, object]], **extra: object) -> str:
+        data = {**head, "object": "chat.completion.chunk", "choices": choices, **extra}
+        if include_usage and "usage" not in extra:
+            data["usage"] = None
+        return f"data: {json.dumps(data)}\n\n"
+
+    async def events() -> AsyncIterator[str]:
+        for i, token in enumerate(tokens):
+            await asyncio.sleep(TOKEN_INTERVAL_SECONDS if i else FIRST_TOKEN_SECONDS)
+            COMPLETION_TOKENS.inc()
+            delta = {"content": token if i == 0 else f" {token}"}
+            yield chunk([{"index": 0, "delta": delta, "finish_reason": None}])
+        yield chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}])
+        if include_usage:
+            yield chunk([], usage=usage)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def metrics(request: Request) -> Response:
+    """prometheus-client's default registry: the app's counter, process_*, python_*."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
 async def echo(websocket: WebSocket) -> None:
     await websocket.accept()
     try:
@@ -69,6 +128,8 @@ app = Starlette(
         Route("/health", health),
         Route("/predict", predict, methods=["POST"]),
         Route("/generate", generate, methods=["GET", "POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/metrics", metrics),
         WebSocketRoute("/ws", echo),
     ]
 )

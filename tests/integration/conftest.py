@@ -29,7 +29,7 @@ SLOW = pytest.mark.timeout(INSTALL_TIMEOUT + 120)
 MLSERVER = ["mlserver==1.7.1"]
 # seldon-core 1.x imports pkg_resources (through gunicorn), gone from setuptools 81 on
 SELDON = ["seldon-core==1.18.2", "setuptools<81"]
-ASGI = ["uvicorn==0.54.0", "starlette==1.10.0", "websockets==17.4"]
+ASGI = ["uvicorn==0.54.0", "starlette==1.10.0", "websockets==17.4", "prometheus-client==0.26.0"]
 
 
 def server_venv(name: str, requirements: Sequence[str]) -> Path:

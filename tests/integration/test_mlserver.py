@@ -5,13 +5,14 @@ infer_stream's Server-Sent Events through /sync."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from ..conftest import ROOT, free_port, run_proxy, write_config
+from ..conftest import ROOT, free_port, promtool_problems, run_proxy, write_config
 from .conftest import SLOW, on_path
 
 pytestmark = [pytest.mark.integration, SLOW]
@@ -33,10 +34,12 @@ def model_folder(directory: Path) -> tuple[Path, Path]:
 
 async def test_mlserver_behind_the_proxy(tmp_path: Path, mlserver_venv: Path) -> None:
     folder, weights = model_folder(tmp_path)
-    server_port = free_port()
+    server_port, metrics_port = free_port(), free_port()
     config = write_config(
         tmp_path,
         predict_concurrency=4,
+        # the preset merges MLServer's metrics from its port 8082: moved here, as the server's
+        proxy={"upstream_metrics_port": metrics_port},
         extra={
             "model_name": "scaler",
             "implementation": "MLSERVER",
@@ -46,7 +49,7 @@ async def test_mlserver_behind_the_proxy(tmp_path: Path, mlserver_venv: Path) ->
             "environment_variables": {
                 "PATH": on_path(mlserver_venv),
                 "MLSERVER_GRPC_PORT": free_port(),
-                "MLSERVER_METRICS_PORT": free_port(),
+                "MLSERVER_METRICS_PORT": metrics_port,
             },
         },
     )
@@ -112,4 +115,14 @@ async def test_mlserver_behind_the_proxy(tmp_path: Path, mlserver_venv: Path) ->
         async with session.get(proxy.url + "/metrics") as response:
             metrics = await response.text()
         assert "model_proxy_upstream_ready 1.0" in metrics
+        # MLServer's own metrics, merged: its REST server counted the inference
+        assert "model_proxy_upstream_metrics_up 1.0" in metrics
+        assert re.search(
+            r'^rest_server_requests_total\{[^}]*path="/v2/models/\{model_name\}/infer",'
+            r'status_code="200"\} 1\.0$',
+            metrics,
+            re.MULTILINE,
+        )
+        assert 'model_proxy_time_to_first_event_seconds_count{route="sync"} 1.0' in metrics
+        assert await promtool_problems(metrics) in ([], None)
         assert 'model_proxy_requests_total{code="503",method="POST",route="predict"} 1.0' in metrics
