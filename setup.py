@@ -24,6 +24,7 @@ COMPILED = [
     "proxy/forward.py",
     "proxy/websocket.py",
     "proxy/frames.py",
+    "proxy/events.py",
 ]
 
 ext_modules = []
