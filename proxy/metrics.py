@@ -15,12 +15,14 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from .grpc_status import CODE_NAMES
+
 # 1 ms to 10 min: LLM streams are long
 BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
-ROUTES = ("predict", "sync")
+ROUTES = ("predict", "sync", "grpc")
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -75,6 +77,9 @@ class Metrics(Collector):
         self.duration = {route: Histogram() for route in ROUTES}
         self.time_to_first_byte = {route: Histogram() for route in ROUTES}
         self.queue_wait = Histogram()
+        # gRPC calls: by status (every name present from the start), messages by direction
+        self.grpc_requests = dict.fromkeys(CODE_NAMES, 0)
+        self.grpc_messages = dict.fromkeys(DIRECTIONS, 0)
         registry.register(self)
 
     def request_finished(
@@ -97,6 +102,9 @@ class Metrics(Collector):
             self.queue_wait.observe(queue_wait)
         if rejected is not None:
             self.rejected[rejected] = self.rejected.get(rejected, 0) + 1
+
+    def grpc_call_finished(self, status: str) -> None:
+        self.grpc_requests[status] += 1
 
     def render(self) -> bytes:
         return generate_latest(self._registry)
@@ -163,6 +171,25 @@ class Metrics(Collector):
             labels=["direction"],
         )
         for direction, count in self.websocket_messages.items():
+            messages.add_metric([direction], count)
+        yield messages
+        yield from self._grpc_families()
+
+    def _grpc_families(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            "model_proxy_grpc_requests",
+            "gRPC calls by final status, the proxy's own refusals included.",
+            labels=["grpc_code"],
+        )
+        for status, count in self.grpc_requests.items():
+            calls.add_metric([status], count)
+        yield calls
+        messages = CounterMetricFamily(
+            "model_proxy_grpc_messages",
+            "gRPC messages passed on, by direction.",
+            labels=["direction"],
+        )
+        for direction, count in self.grpc_messages.items():
             messages.add_metric([direction], count)
         yield messages
 
