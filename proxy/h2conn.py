@@ -49,7 +49,7 @@ class _Outbound:
         self.trailers: Headers | None = None  # ...with these trailers
 
 
-class _Connection(h2.connection.H2Connection):
+class GracefulConnection(h2.connection.H2Connection):
     """h2 takes any GOAWAY for the end of the connection both ways; RFC 9113 §6.8 lets the
     streams it does not refuse run to their end, which is what a graceful shutdown of a
     gRPC server (or a client's channel close) relies on. A GOAWAY without error is only
@@ -81,7 +81,7 @@ class H2Endpoint(asyncio.Protocol):
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
-        self.h2: h2.connection.H2Connection = _Connection(config)
+        self.h2: h2.connection.H2Connection = GracefulConnection(config)
         self.h2.local_settings = h2.settings.Settings(
             client=client_side,
             initial_values={
@@ -218,7 +218,9 @@ class H2Endpoint(asyncio.Protocol):
             self.transport.write(data)
 
     def close(self) -> None:
+        """Close once what h2 has prepared (the last trailers, a GOAWAY) is written."""
         if self.transport is not None and not self.transport.is_closing():
+            self.flush()
             self.transport.close()
 
     def abort(self) -> None:

@@ -7,6 +7,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 
 Probe = Callable[[], Awaitable[bool]]
 Clock = Callable[[], float]
@@ -32,6 +36,122 @@ async def probe_tcp(host: str, port: int, timeout: float) -> bool:
         return False
     writer.close()
     return True
+
+
+HEALTH_CHECK = b"/grpc.health.v1.Health/Check"
+SERVING = 1  # grpc.health.v1.HealthCheckResponse.ServingStatus
+GRPC_OK, GRPC_UNIMPLEMENTED = 0, 12
+
+
+async def probe_grpc(host: str, port: int, service: str, timeout: float) -> bool:
+    """True when `grpc.health.v1.Health/Check` says SERVING for `service`, or when the server
+    answers UNIMPLEMENTED (it has no health service: answering at all is being ready)."""
+    try:
+        async with asyncio.timeout(timeout):
+            status, reply = await _unary_call(host, port, HEALTH_CHECK, _health_request(service))
+    except (TimeoutError, OSError, h2.exceptions.H2Error, ValueError):
+        return False
+    if status == GRPC_UNIMPLEMENTED:
+        return True
+    return status == GRPC_OK and _serving_status(reply) == SERVING
+
+
+async def _unary_call(host: str, port: int, path: bytes, message: bytes) -> tuple[int, bytes]:
+    """One gRPC call over its own h2c connection: its status and the reply's bytes (the
+    messages with their prefixes). A probe is rare: no pooling, no flow control to speak of."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        connection = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        connection.initiate_connection()
+        stream_id = connection.get_next_available_stream_id()
+        connection.send_headers(
+            stream_id,
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":path", path),
+                (b":authority", b"%s:%d" % (host.encode(), port)),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+            ],
+        )
+        connection.send_data(stream_id, b"\0" + len(message).to_bytes(4, "big") + message)
+        connection.end_stream(stream_id)
+        writer.write(connection.data_to_send())
+        reply = bytearray()
+        status: int | None = None
+        while data := await reader.read(65536):
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    reply += event.data
+                    connection.acknowledge_received_data(event.flow_controlled_length, stream_id)
+                elif isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    status = _grpc_status(event.headers, status)
+                elif isinstance(event, h2.events.StreamEnded):
+                    if status is None:
+                        raise ValueError("the answer had no grpc-status")
+                    return status, bytes(reply)
+                elif isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
+                    raise ValueError("the call was reset")
+            writer.write(connection.data_to_send())
+        raise ValueError("the connection closed before the call ended")
+    finally:
+        writer.close()
+
+
+def _grpc_status(headers: list[tuple[bytes, bytes]], previous: int | None) -> int | None:
+    for name, value in headers:
+        if name == b"grpc-status":
+            return int(value)
+    return previous
+
+
+def _health_request(service: str) -> bytes:
+    """HealthCheckRequest{service = 1}, protobuf-encoded by hand: a tag and a string."""
+    name = service.encode()
+    return b"\x0a" + _varint(len(name)) + name if name else b""
+
+
+def _serving_status(reply: bytes) -> int:
+    """HealthCheckResponse.status (field 1, a varint) from the reply's first message."""
+    message = reply[5 : 5 + int.from_bytes(reply[1:5], "big")]
+    pos = 0
+    while pos < len(message):
+        tag, pos = _read_varint(message, pos)
+        if tag & 7 == 0:
+            value, pos = _read_varint(message, pos)
+            if tag >> 3 == 1:
+                return value
+        elif tag & 7 == 2:  # a field of a newer version of the message: skipped
+            length, pos = _read_varint(message, pos)
+            pos += length
+        else:
+            raise ValueError("unexpected field in HealthCheckResponse")
+    return 0  # UNKNOWN: the default, not encoded
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
 
 
 async def wait_until_ready(probe: Probe, *, interval: float, deadline: float, clock: Clock) -> bool:

@@ -18,6 +18,8 @@ import h2.connection
 import h2.events
 import h2.settings
 
+from proxy.h2conn import GracefulConnection
+
 Headers = list[tuple[bytes, bytes]]
 SAFETY = 10.0  # seconds: only a net for a hang
 
@@ -78,7 +80,8 @@ class _Peer:
         self.reader = reader
         self.writer = writer
         self.auto_ack = auto_ack
-        self.conn = h2.connection.H2Connection(
+        # streams go on after a GOAWAY without error, as grpcio's do (plain h2 stops them)
+        self.conn: h2.connection.H2Connection = GracefulConnection(
             h2.config.H2Configuration(client_side=client_side, header_encoding=None)
         )
         if window is not None:
