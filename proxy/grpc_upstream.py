@@ -49,7 +49,7 @@ class UpstreamConnection(H2Endpoint):
         self.h2.send_headers(stream_id, headers)
         self.track(stream_id, sink.request_sent)
         self._sinks[stream_id] = sink
-        self.flush()
+        self._dirty()
         return stream_id
 
     def close_stream(self, stream_id: int) -> None:

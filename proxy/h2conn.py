@@ -94,6 +94,8 @@ class H2Endpoint(asyncio.Protocol):
         self.lost = False
         self._outbound: dict[int, _Outbound] = {}
         self._write_paused = False
+        self._flush_due = False
+        self._loop = asyncio.get_running_loop()
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -154,7 +156,7 @@ class H2Endpoint(asyncio.Protocol):
             return
         if end_stream:
             self._ended(stream_id)
-        self.flush()
+        self._dirty()
 
     def send_data(self, stream_id: int, data: bytes) -> None:
         """Send `data` as the windows allow; the rest waits in the stream's queue."""
@@ -164,7 +166,7 @@ class H2Endpoint(asyncio.Protocol):
         out.chunks.append(data)
         if len(out.chunks) == 1:
             self._send(stream_id, out)
-            self.flush()
+            self._dirty()
 
     def end_stream(self, stream_id: int, trailers: Headers | None = None) -> None:
         """End the stream (with `trailers`, if any) once its queued data is sent."""
@@ -175,7 +177,7 @@ class H2Endpoint(asyncio.Protocol):
         out.trailers = trailers
         if not out.chunks:
             self._send(stream_id, out)
-            self.flush()
+            self._dirty()
 
     def ack(self, stream_id: int, size: int) -> None:
         """`size` bytes received on the stream were taken: the peer may send as many more."""
@@ -185,7 +187,7 @@ class H2Endpoint(asyncio.Protocol):
             self.h2.acknowledge_received_data(size, stream_id)
         except _STREAM_GONE:
             return
-        self.flush()
+        self._dirty()
 
     def reset(self, stream_id: int, code: int = CANCEL) -> None:
         self._outbound.pop(stream_id, None)
@@ -195,7 +197,7 @@ class H2Endpoint(asyncio.Protocol):
             self.h2.reset_stream(stream_id, code)
         except (*_STREAM_GONE, h2.exceptions.ProtocolError):
             return  # closed already: nothing to reset
-        self.flush()
+        self._dirty()
 
     def queued(self, stream_id: int) -> int:
         """Bytes of the stream waiting for the peer's window."""
@@ -212,7 +214,15 @@ class H2Endpoint(asyncio.Protocol):
         if self.transport is not None and not self.lost:
             self.transport.write(frame.serialize())
 
+    def _dirty(self) -> None:
+        """Frames are waiting in h2: write them once this turn of the loop is over, with
+        whatever else the turn adds (a write per frame costs a system call each)."""
+        if not self._flush_due:
+            self._flush_due = True
+            self._loop.call_soon(self.flush)
+
     def flush(self) -> None:
+        self._flush_due = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.lost:
             self.transport.write(data)
