@@ -11,7 +11,7 @@ from typing import Protocol
 from . import grpc_status
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 from .grpc_upstream import GrpcUpstream, UpstreamConnection
-from .h2conn import INTERNAL_ERROR, Headers
+from .h2frames import INTERNAL_ERROR, Headers
 from .h2server import H2Request, H2ServerConnection
 
 CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT = "client_to_upstream", "upstream_to_client"
@@ -267,7 +267,7 @@ class GrpcCall:
         """The stream to the model server: the client's headers as they came, `:path`,
         metadata, `te` and `grpc-timeout` included; then what the client sent so far."""
         self.upstream = connection
-        self.upstream_stream = connection.open_stream(self.request.headers, self)
+        self.upstream_stream = connection.open_call(self.request.headers, self)
         early, self._early = self._early, []
         for chunk in early:
             connection.send_data(self.upstream_stream, chunk)

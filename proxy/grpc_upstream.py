@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-import h2.events
-
 from .errors import UpstreamUnavailable
-from .h2conn import CANCEL, H2Endpoint, Headers
+from .h2conn import H2Endpoint
+from .h2frames import CANCEL, Headers
 
 LAST_STREAM_ID = 2**31 - 1
 
@@ -29,33 +28,31 @@ class UpstreamConnection(H2Endpoint):
     """One HTTP/2 connection to the model server; a sink per open stream."""
 
     def __init__(self, pool: GrpcUpstream) -> None:
-        super().__init__(client_side=True, validate_inbound=False)  # the child is trusted
+        super().__init__(client_side=True)
         self._pool = pool
         self._sinks: dict[int, ResponseSink] = {}
         self.going_away = False
 
     @property
     def has_room(self) -> bool:
-        connection = self.h2
         return (
             not self.lost
             and not self.going_away
-            and len(self._sinks) < connection.remote_settings.max_concurrent_streams
-            and connection.highest_outbound_stream_id < LAST_STREAM_ID - 2
+            and len(self._sinks) < self.peer_max_streams
+            and self.next_stream_id < LAST_STREAM_ID
         )
 
-    def open_stream(self, headers: Headers, sink: ResponseSink) -> int:
-        stream_id = self.h2.get_next_available_stream_id()
-        self.h2.send_headers(stream_id, headers)
-        self.track(stream_id, sink.request_sent)
+    def open_call(self, headers: Headers, sink: ResponseSink) -> int:
+        """A stream for one call; `sink` hears of its response."""
+        stream_id = self.open_stream(headers)
+        self.set_on_sent(stream_id, sink.request_sent)
         self._sinks[stream_id] = sink
-        self._dirty()
         return stream_id
 
     def close_stream(self, stream_id: int) -> None:
         """The call is over for the proxy: cancel the stream if it is still open."""
-        if self._sinks.pop(stream_id, None) is not None or stream_id in self._outbound:
-            self.reset(stream_id, CANCEL)
+        self._sinks.pop(stream_id, None)
+        self.reset(stream_id, CANCEL)  # nothing is sent for a stream closed both ways
         self._maybe_close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -65,45 +62,46 @@ class UpstreamConnection(H2Endpoint):
         for sink in sinks.values():
             sink.upstream_reset(None)
 
-    def _event(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.DataReceived):
-            sink = self._sinks.get(event.stream_id)
-            padding = event.flow_controlled_length - len(event.data)
-            if padding:
-                self.ack(event.stream_id, padding)
-            if sink is not None and event.data:
-                sink.response_data(event.data)
-        elif isinstance(event, h2.events.ResponseReceived):
-            ended = event.stream_ended is not None
-            sink = self._sinks.pop(event.stream_id) if ended else self._sinks.get(event.stream_id)
+    # -- the protocol's events --------------------------------------------------------
+
+    def _on_headers(self, stream_id: int, headers: Headers, end: bool, first: bool) -> None:
+        if first:
+            sink = self._sinks.pop(stream_id) if end else self._sinks.get(stream_id)
             if sink is not None:
-                sink.response_headers(event.headers, ended)
-        elif isinstance(event, h2.events.TrailersReceived):
-            sink = self._sinks.pop(event.stream_id, None)
+                sink.response_headers(headers, end)  # end: trailers-only
+        else:
+            sink = self._sinks.pop(stream_id, None)
             if sink is not None:
-                sink.response_trailers(event.headers)
-        elif isinstance(event, h2.events.StreamEnded):
-            sink = self._sinks.pop(event.stream_id, None)  # none: ended with its trailers
-            if sink is not None:
-                sink.response_end()
-        elif isinstance(event, h2.events.StreamReset):
-            self._outbound.pop(event.stream_id, None)
-            sink = self._sinks.pop(event.stream_id, None)
-            if sink is not None:
-                sink.upstream_reset(event.error_code)
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            if event.error_code:  # h2 closed the connection: every stream is lost
-                self.close()
-                return
-            self._going_away_from(event.last_stream_id or 0)
+                sink.response_trailers(headers)
         self._maybe_close()
 
-    def _going_away_from(self, last_stream_id: int) -> None:
-        """GOAWAY: streams above `last_stream_id` were never processed; the rest go on."""
+    def _on_data(self, stream_id: int, data: bytes) -> None:
+        sink = self._sinks.get(stream_id)
+        if sink is None:
+            self.ack(stream_id, len(data))
+        else:
+            sink.response_data(data)
+
+    def _on_end(self, stream_id: int) -> None:
+        sink = self._sinks.pop(stream_id, None)  # none: it ended with its trailers
+        if sink is not None:
+            sink.response_end()
+            self._maybe_close()
+
+    def _on_reset(self, stream_id: int, code: int) -> None:
+        sink = self._sinks.pop(stream_id, None)
+        if sink is not None:
+            sink.upstream_reset(code)
+            self._maybe_close()
+
+    def _on_goaway(self, last_stream_id: int, code: int) -> None:
+        """Streams above `last_stream_id` were never processed; without error the rest
+        go on, with one the connection is over."""
         self.going_away = True
         self._pool.forget(self)
-        for stream_id in [sid for sid in self._sinks if sid > last_stream_id]:
+        for stream_id in [sid for sid in self._sinks if code or sid > last_stream_id]:
             self._sinks.pop(stream_id).upstream_reset(None)
+        self._maybe_close()
 
     def _maybe_close(self) -> None:
         if self.going_away and not self._sinks:

@@ -7,9 +7,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
-import h2.events
-
-from .h2conn import CANCEL, NO_ERROR, REFUSED_STREAM, H2Endpoint, Headers
+from .h2conn import H2Endpoint
+from .h2frames import CANCEL, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, Headers
 
 
 class StreamHandler(Protocol):
@@ -72,20 +71,18 @@ class H2ServerConnection(H2Endpoint):
         *,
         idle_timeout: float,
     ) -> None:
-        # the client's headers go on to the model server: h2 checks them on the way in
-        super().__init__(client_side=False, validate_inbound=True)
+        super().__init__(client_side=False)
         self._router = router
         self._connections = connections
         self._idle_timeout = idle_timeout
         self._handlers: dict[int, StreamHandler] = {}
-        self._request_open: set[int] = set()  # streams whose request has not ended yet
         self._going_away = False
         self._idle_timer: asyncio.TimerHandle | None = None
         self.client_ip = ""
         self.loop = asyncio.get_running_loop()
 
     @property
-    def streams(self) -> int:
+    def active_streams(self) -> int:
         return len(self._handlers)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -103,74 +100,68 @@ class H2ServerConnection(H2Endpoint):
         for handler in handlers.values():
             handler.client_reset()
 
-    def _event(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.DataReceived):
-            handler = self._handlers.get(event.stream_id)
-            padding = event.flow_controlled_length - len(event.data)
-            if padding:
-                self.ack(event.stream_id, padding)  # nobody else will take it
-            if handler is None:
-                self.ack(event.stream_id, len(event.data))
-            elif event.data:
-                handler.request_data(event.data)
-        elif isinstance(event, h2.events.RequestReceived):
-            self._request(event.stream_id, event.headers)
-        elif isinstance(event, h2.events.StreamEnded):
-            self._request_open.discard(event.stream_id)
-            handler = self._handlers.get(event.stream_id)
-            if handler is not None:
-                handler.request_end()
-        elif isinstance(event, h2.events.StreamReset):
-            self._request_open.discard(event.stream_id)
-            self._outbound.pop(event.stream_id, None)
-            handler = self._handlers.pop(event.stream_id, None)
-            if handler is not None:
-                handler.client_reset()
-                self._stream_gone()
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            if event.error_code:  # h2 closed the connection: nothing more can pass
-                self.close()
-                return
-            self._going_away = True  # the client opens no more streams; its open ones go on
-            self._stream_gone()
+    # -- the protocol's events --------------------------------------------------------
 
-    def _request(self, stream_id: int, headers: Headers) -> None:
+    def _on_headers(self, stream_id: int, headers: Headers, end: bool, first: bool) -> None:
+        if not first:
+            return  # a client's trailers: nothing the proxy passes on; the end follows
         if self._going_away:
             self.reset(stream_id, REFUSED_STREAM)  # never processed: safe to retry elsewhere
             return
+        problem = malformed(headers)
+        if problem:
+            self.reset(stream_id, PROTOCOL_ERROR)  # RFC 9113 §8.1.1: a malformed request
+            return
         self._cancel_idle_timer()
-        self._request_open.add(stream_id)
-        self.track(stream_id, None)
-        request = H2Request(stream_id, headers, self.client_ip)
-        handler = self._router(request, self)
-        if stream_id in self._outbound:  # not answered whole at once (a refusal is)
+        handler = self._router(H2Request(stream_id, headers, self.client_ip), self)
+        if stream_id in self.streams:  # not answered whole at once (a refusal is)
             self._handlers[stream_id] = handler
         else:
             self._stream_gone()
 
-    def set_on_sent(self, stream_id: int, on_sent: Callable[[int], None]) -> None:
-        """Hear of the response bytes the client's window let out (to acknowledge them)."""
-        out = self._outbound.get(stream_id)
-        if out is not None:
-            out.on_sent = on_sent
+    def _on_data(self, stream_id: int, data: bytes) -> None:
+        handler = self._handlers.get(stream_id)
+        if handler is None:
+            self.ack(stream_id, len(data))
+        else:
+            handler.request_data(data)
+
+    def _on_end(self, stream_id: int) -> None:
+        handler = self._handlers.get(stream_id)
+        if handler is not None:
+            handler.request_end()
+
+    def _on_reset(self, stream_id: int, code: int) -> None:
+        handler = self._handlers.pop(stream_id, None)
+        if handler is not None:
+            handler.client_reset()
+            self._stream_gone()
+
+    def _on_goaway(self, last_stream_id: int, code: int) -> None:
+        if code:  # the client gave up on the connection
+            self.close()
+            return
+        self._going_away = True  # it opens no more streams; its open ones go on
+        self._stream_gone()
 
     def _ended(self, stream_id: int) -> None:
         """The response is sent whole: the stream is done for the proxy."""
-        super()._ended(stream_id)
-        if stream_id in self._request_open:
+        stream = self.streams.get(stream_id)
+        if stream is not None and not stream.remote_closed:
             # the answer came before the request ended (a refusal, a server that stops
             # early): tell the client to stop sending, without error (RFC 9113 §8.1)
-            self._request_open.discard(stream_id)
             self.reset(stream_id, NO_ERROR)
         if self._handlers.pop(stream_id, None) is not None:
             self._stream_gone()
 
+    # -- the drain --------------------------------------------------------------------
+
     def go_away(self) -> None:
-        """The drain: no new streams (GOAWAY); close once the open ones are done."""
+        """No new streams (GOAWAY); close once the open ones are done."""
         if self.lost or self._going_away:
             return
         self._going_away = True
-        self.send_goaway(self.h2.highest_inbound_stream_id)
+        self.send_goaway(self.highest_inbound)
         self._stream_gone()
 
     def cut(self) -> None:
@@ -202,6 +193,34 @@ class H2ServerConnection(H2Endpoint):
         self._idle_timer = None
         if not self._handlers:
             self.go_away()
+
+
+_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+_PSEUDO = frozenset({b":method", b":scheme", b":path", b":authority"})
+
+
+def malformed(headers: Headers) -> str | None:
+    """Why a request's headers break RFC 9113 §8.2-8.3 (the ones a proxy must catch before
+    passing them on), or None: pseudo-headers first, known, once each, :method, :scheme and
+    :path present; names lower-case; no connection-specific field; `te` only "trailers"."""
+    seen: set[bytes] = set()
+    regular = False
+    for name, value in headers:
+        if name[:1] == b":":
+            if regular or name not in _PSEUDO or name in seen:
+                return f"pseudo-header {name!r} out of place"
+            seen.add(name)
+        else:
+            regular = True
+            if name != name.lower() or name in _CONNECTION_SPECIFIC:
+                return f"header {name!r} not allowed in HTTP/2"
+            if name == b"te" and value != b"trailers":
+                return "te other than trailers"
+    if len(seen & {b":method", b":scheme", b":path"}) != 3:
+        return "a request needs :method, :scheme and :path"
+    return None
 
 
 class LocalResponse:

@@ -7,10 +7,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import aiohttp
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
+
+from .errors import ProxyError
+from .grpc_upstream import GrpcUpstream, UpstreamConnection
+from .h2frames import Headers
 
 Probe = Callable[[], Awaitable[bool]]
 Clock = Callable[[], float]
@@ -49,25 +49,58 @@ async def probe_grpc(host: str, port: int, service: str, timeout: float) -> bool
     try:
         async with asyncio.timeout(timeout):
             status, reply = await _unary_call(host, port, HEALTH_CHECK, _health_request(service))
-    except (TimeoutError, OSError, h2.exceptions.H2Error, ValueError):
+    except (TimeoutError, ProxyError, ValueError):
         return False
     if status == GRPC_UNIMPLEMENTED:
         return True
     return status == GRPC_OK and _serving_status(reply) == SERVING
 
 
+class _Reply:
+    """One call's answer as its HTTP/2 stream delivers it (a ResponseSink)."""
+
+    def __init__(self, connection: UpstreamConnection) -> None:
+        self.connection = connection
+        self.stream_id = 0
+        self.data = bytearray()
+        self.status: int | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def response_headers(self, headers: Headers, end: bool) -> None:
+        if end:  # trailers-only
+            self._status(headers)
+
+    def response_data(self, data: bytes) -> None:
+        self.data += data
+        self.connection.ack(self.stream_id, len(data))
+
+    def response_trailers(self, headers: Headers) -> None:
+        self._status(headers)
+
+    def response_end(self) -> None:
+        self._status([])
+
+    def upstream_reset(self, code: int | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ValueError("the call was reset"))
+
+    def request_sent(self, size: int) -> None:
+        pass
+
+    def _status(self, headers: Headers) -> None:
+        self.status = _grpc_status(headers, None)
+        if not self.done.done():
+            self.done.set_result(None)
+
+
 async def _unary_call(host: str, port: int, path: bytes, message: bytes) -> tuple[int, bytes]:
     """One gRPC call over its own h2c connection: its status and the reply's bytes (the
-    messages with their prefixes). A probe is rare: no pooling, no flow control to speak of."""
-    reader, writer = await asyncio.open_connection(host, port)
+    messages with their prefixes)."""
+    upstream = GrpcUpstream(host, port)
     try:
-        connection = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
-        )
-        connection.initiate_connection()
-        stream_id = connection.get_next_available_stream_id()
-        connection.send_headers(
-            stream_id,
+        connection = await upstream.connect()
+        reply = _Reply(connection)
+        reply.stream_id = connection.open_call(
             [
                 (b":method", b"POST"),
                 (b":scheme", b"http"),
@@ -76,34 +109,21 @@ async def _unary_call(host: str, port: int, path: bytes, message: bytes) -> tupl
                 (b"content-type", b"application/grpc"),
                 (b"te", b"trailers"),
             ],
+            reply,
         )
-        connection.send_data(stream_id, b"\0" + len(message).to_bytes(4, "big") + message)
-        connection.end_stream(stream_id)
-        writer.write(connection.data_to_send())
-        reply = bytearray()
-        status: int | None = None
-        while data := await reader.read(65536):
-            for event in connection.receive_data(data):
-                if isinstance(event, h2.events.DataReceived):
-                    reply += event.data
-                    connection.acknowledge_received_data(event.flow_controlled_length, stream_id)
-                elif isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
-                    status = _grpc_status(event.headers, status)
-                elif isinstance(event, h2.events.StreamEnded):
-                    if status is None:
-                        raise ValueError("the answer had no grpc-status")
-                    return status, bytes(reply)
-                elif isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
-                    raise ValueError("the call was reset")
-            writer.write(connection.data_to_send())
-        raise ValueError("the connection closed before the call ended")
+        connection.send_data(reply.stream_id, b"\0" + len(message).to_bytes(4, "big") + message)
+        connection.end_stream(reply.stream_id)
+        await reply.done
     finally:
-        writer.close()
+        upstream.close()
+    if reply.status is None:
+        raise ValueError("the answer had no grpc-status")
+    return reply.status, bytes(reply.data)
 
 
-def _grpc_status(headers: list[tuple[bytes, bytes]], previous: int | None) -> int | None:
+def _grpc_status(headers: Headers, previous: int | None) -> int | None:
     for name, value in headers:
-        if name == b"grpc-status":
+        if name == b"grpc-status" and value.isdigit():
             return int(value)
     return previous
 

@@ -15,10 +15,10 @@ from contextlib import asynccontextmanager, suppress
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
-
-from proxy.h2conn import GracefulConnection
+from hyperframe.frame import Frame, GoAwayFrame
 
 Headers = list[tuple[bytes, bytes]]
 SAFETY = 10.0  # seconds: only a net for a hang
@@ -39,6 +39,23 @@ def grpc_request(port: int, path: bytes, *extra: tuple[bytes, bytes]) -> Headers
         (b"te", b"trailers"),
         *extra,
     ]
+
+
+class GracefulConnection(h2.connection.H2Connection):
+    """h2 takes any GOAWAY for the end of the connection both ways; RFC 9113 §6.8 lets the
+    streams it does not refuse run to their end, and grpcio's clients and servers do so. A
+    GOAWAY without error is only reported here."""
+
+    def _receive_goaway_frame(
+        self, frame: GoAwayFrame
+    ) -> tuple[list[Frame], list[h2.events.Event]]:
+        if frame.error_code != h2.errors.ErrorCodes.NO_ERROR:
+            return super()._receive_goaway_frame(frame)
+        event = h2.events.ConnectionTerminated()
+        event.error_code = h2.errors.ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
 
 
 class Reply:
