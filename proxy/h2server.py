@@ -78,6 +78,7 @@ class H2ServerConnection(H2Endpoint):
         self._handlers: dict[int, StreamHandler] = {}
         self._going_away = False
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0  # loop time the last stream ended
         self.client_ip = ""
         self.loop = asyncio.get_running_loop()
 
@@ -112,7 +113,6 @@ class H2ServerConnection(H2Endpoint):
         if problem:
             self.reset(stream_id, PROTOCOL_ERROR)  # RFC 9113 §8.1.1: a malformed request
             return
-        self._cancel_idle_timer()
         handler = self._router(H2Request(stream_id, headers, self.client_ip), self)
         if stream_id in self.streams:  # not answered whole at once (a refusal is)
             self._handlers[stream_id] = handler
@@ -181,8 +181,12 @@ class H2ServerConnection(H2Endpoint):
             self._arm_idle_timer()
 
     def _arm_idle_timer(self) -> None:
-        self._cancel_idle_timer()
-        self._idle_timer = self.loop.call_later(self._idle_timeout, self._idle)
+        """The connection times out `idle_timeout` after its last stream ended. One timer
+        serves many idle spells: it wakes, finds streams or a later deadline, and sleeps
+        again (a timer set and cancelled per call costs more than the call's bookkeeping)."""
+        self._idle_since = self.loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_later(self._idle_timeout, self._idle)
 
     def _cancel_idle_timer(self) -> None:
         if self._idle_timer is not None:
@@ -191,7 +195,12 @@ class H2ServerConnection(H2Endpoint):
 
     def _idle(self) -> None:
         self._idle_timer = None
-        if not self._handlers:
+        if self._handlers or self.lost:
+            return  # busy: the last stream to end arms it again
+        left = self._idle_since + self._idle_timeout - self.loop.time()
+        if left > 0:
+            self._idle_timer = self.loop.call_later(left, self._idle)
+        else:
             self.go_away()
 
 
