@@ -15,6 +15,7 @@ import grpc
 from ..procs import LOADGEN_CPU, pinned
 from .stats import Measurement, percentile
 
+WARM_UP = 1.0  # seconds of calls before a timed run is measured
 _FINISHED = re.compile(r"finished in ([\d.]+)(m?s)")
 _REQUESTS = re.compile(
     r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
@@ -44,11 +45,13 @@ def run(
         "-H", "content-type: application/grpc", "-H", "te: trailers",
         f"--log-file={log}",
     ]  # fmt: skip
+    warm_up = 0.0
     if calls is not None:
         argv.append(f"-n{calls}")
     else:
         assert duration is not None
-        argv += [f"-D{duration:g}", "--warm-up-time=1"]
+        warm_up = WARM_UP
+        argv += [f"-D{duration:g}", f"--warm-up-time={warm_up:g}"]
     argv.append(f"http://127.0.0.1:{port}{path}")
     timeout = (duration or 0) + 120
     done = subprocess.run(
@@ -57,11 +60,12 @@ def run(
     finished, requests = _FINISHED.search(done.stdout), _REQUESTS.search(done.stdout)
     if done.returncode != 0 or finished is None or requests is None:
         raise RuntimeError(f"h2load failed ({done.returncode}): {done.stdout[-500:]} {done.stderr}")
-    elapsed = float(finished[1]) / (1000 if finished[2] == "ms" else 1)
+    # "finished in" counts the warm-up too; the requests counted are the timed ones
+    elapsed = duration if duration else float(finished[1]) / (1000 if finished[2] == "ms" else 1)
     succeeded = int(requests[4])
     # with a duration, the calls still running when it ends count as failed: not errors
     failed = int(requests[6]) + int(requests[7]) + (int(requests[5]) if calls else 0)
-    latencies = _latencies(log)
+    latencies = _latencies(log, warm_up)
     return Measurement(
         count=succeeded * messages_per_call,
         elapsed=elapsed,
@@ -71,15 +75,19 @@ def run(
     )
 
 
-def _latencies(log: Path) -> list[tuple[int, float]]:
+def _latencies(log: Path, warm_up: float) -> list[tuple[int, float]]:
     """(HTTP status, seconds) per call, from h2load's log: start time in µs since the
-    epoch, status, µs to the end of the response, tab-separated."""
+    epoch, status, µs to the end of the response, tab-separated. It also logs the warm-up's
+    calls, and with status 0 the calls a phase's end cut: both are left out."""
     entries = []
     for line in log.read_text().splitlines():
         fields = line.split("\t")
-        if len(fields) >= 3:
-            entries.append((int(fields[1]), int(fields[2]) / 1e6))
-    return entries
+        if len(fields) >= 3 and fields[1] != "0":
+            entries.append((int(fields[0]), int(fields[1]), int(fields[2]) / 1e6))
+    if not entries:
+        return []
+    measured_from = min(start for start, _, _ in entries) + warm_up * 1e6
+    return [(status, seconds) for start, status, seconds in entries if start >= measured_from]
 
 
 def _ms(latencies: list[tuple[int, float]], q: float) -> float | None:
