@@ -8,7 +8,14 @@ from collections.abc import Callable
 from typing import Protocol
 
 from .h2conn import H2Endpoint
-from .h2frames import CANCEL, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, Headers
+from .h2frames import (
+    CANCEL,
+    ENHANCE_YOUR_CALM,
+    NO_ERROR,
+    PROTOCOL_ERROR,
+    REFUSED_STREAM,
+    Headers,
+)
 
 
 class StreamHandler(Protocol):
@@ -59,6 +66,7 @@ class H2Request:
 
 
 Router = Callable[[H2Request, "H2ServerConnection"], StreamHandler]
+MAX_CANCEL_DEBT = 1000  # cancelled streams beyond those completed before a connection is cut
 
 
 class H2ServerConnection(H2Endpoint):
@@ -77,6 +85,10 @@ class H2ServerConnection(H2Endpoint):
         self._idle_timeout = idle_timeout
         self._handlers: dict[int, StreamHandler] = {}
         self._going_away = False
+        # streams the client cancelled less those that ran to their end: a client that
+        # opens and cancels streams by the thousand ("rapid reset", CVE-2023-44487) makes
+        # the model server start and stop work for nothing
+        self._cancel_debt = 0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0  # loop time the last stream ended
         self.client_ip = ""
@@ -135,6 +147,10 @@ class H2ServerConnection(H2Endpoint):
         handler = self._handlers.pop(stream_id, None)
         if handler is not None:
             handler.client_reset()
+            self._cancel_debt += 1
+            if self._cancel_debt > MAX_CANCEL_DEBT:
+                self._fail(ENHANCE_YOUR_CALM, "too many streams cancelled")
+                return
             self._stream_gone()
 
     def _on_goaway(self, last_stream_id: int, code: int) -> None:
@@ -152,6 +168,7 @@ class H2ServerConnection(H2Endpoint):
             # early): tell the client to stop sending, without error (RFC 9113 §8.1)
             self.reset(stream_id, NO_ERROR)
         if self._handlers.pop(stream_id, None) is not None:
+            self._cancel_debt = max(self._cancel_debt - 1, 0)
             self._stream_gone()
 
     # -- the drain --------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import h2conn
+from proxy import h2conn, h2server
 from proxy.h2frames import (
     CONTINUATION,
     DATA,
@@ -290,4 +290,40 @@ async def test_a_goaway_from_the_model_server_lets_older_calls_finish(tmp_path: 
         assert finished.trailer(b"grpc-status") == b"0"
         assert proxy.grpc_upstream is not None
         assert not proxy.grpc_upstream.connections  # the next call opens a new one
+        await client.close()
+
+
+async def test_a_client_cancelling_streams_by_the_thousand_is_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rapid reset (CVE-2023-44487): each stream opened and cancelled at once costs the
+    model server a call started and stopped; past the limit the connection ends."""
+    monkeypatch.setattr(h2server, "MAX_CANCEL_DEBT", 5)
+    async with proxied(tmp_path) as (upstream, port):
+        peer = await RawPeer.connect(port)
+        for stream_id in range(1, 14, 2):  # 7 streams
+            peer.send(
+                frame(HEADERS, END_HEADERS, stream_id, request_block(port)),
+                frame(RST_STREAM, 0, stream_id, (0x8).to_bytes(4, "big")),
+            )
+        assert await peer.goaway_code() == ENHANCE_YOUR_CALM
+        await peer.close()
+        assert upstream.arrived.qsize() <= 6
+
+
+async def test_cancels_among_completed_calls_are_fine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(h2server, "MAX_CANCEL_DEBT", 2)
+    async with H2Upstream().serving() as upstream, grpc_proxy(tmp_path, upstream.port) as (_, url):
+        client = await H2Client.connect(port_of(url))
+        for _ in range(4):  # a cancel, then a completed call: never more than 1 in debt
+            cancelled = client.request(grpc_request(port_of(url), b"/a.B/C"), end=False)
+            await upstream.next_stream()
+            client.reset(cancelled)
+            done = client.request(grpc_request(port_of(url), b"/a.B/C"), grpc_frame(b""))
+            stream = await upstream.next_stream()
+            stream.respond([(b":status", b"200"), (b"grpc-status", b"0")], end=True)
+            assert (await client.reply(done)).header(b"grpc-status") == b"0"
+        assert client.goaway is None
         await client.close()
