@@ -175,12 +175,13 @@ class Proxy:
         )
 
     def _rejection(self, head: RequestHead) -> ProxyError | None:
-        return self._refusal(head.header(b"authorization"))
-
-    def _refusal(self, authorization: bytes | None) -> ProxyError | None:
-        """Why a request or call is refused before it takes a slot, if it is."""
-        if self._api_key is not None and not self._authorized(authorization):
+        # the header is only looked for when a key is set: this runs for every request
+        if self._api_key is not None and not self._authorized(head.header(b"authorization")):
             return Unauthorized()
+        return self._unavailable()
+
+    def _unavailable(self) -> ProxyError | None:
+        """Why no request or call can be taken now (draining, not ready), if so."""
         if self.closed:
             return Draining()
         if not self.state.ready:
@@ -248,9 +249,9 @@ class Proxy:
             on_messages=self._count_grpc_messages,
         )
         self._started()
-        refusal = self._refusal(request.authorization)
-        if refusal is not None and refusal.kind == "unauthorized":
-            call.fail(refusal)
+        refusal = self._unavailable()
+        if self._api_key is not None and not self._authorized(request.authorization):
+            call.fail(Unauthorized())
         elif upstream is None:
             call.refuse(
                 grpc_status.UNIMPLEMENTED,
