@@ -37,26 +37,40 @@ class MessageCounter:
 
     def feed(self, data: bytes) -> int:
         """How many messages ended in `data`."""
-        whole = not self._left and not self._prefix and len(data) >= 5
-        if whole and len(data) == int.from_bytes(data[1:5], "big") + 5:
-            return 1  # one whole message: the common case
         count = 0
         pos, size = 0, len(data)
-        while pos < size:
-            if self._left:
-                step = min(self._left, size - pos)
-                self._left -= step
-                pos += step
-                count += not self._left
-                continue
-            need = 5 - len(self._prefix)
-            self._prefix += data[pos : pos + need]
-            pos += need
-            if len(self._prefix) == 5:
-                self._left = int.from_bytes(self._prefix[1:], "big")
-                self._prefix = b""
-                count += not self._left  # an empty message
+        if self._left or self._prefix:
+            pos = self._finish_partial(data)
+            if self._left or self._prefix:
+                return 0
+            count = 1
+        # whole prefixes in this chunk: hop from one to the next
+        while size - pos >= 5:
+            pos += 5 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+            if pos > size:
+                self._left = pos - size  # the message goes on in the next chunk
+                return count
+            count += 1
+        if pos < size:
+            self._prefix = data[pos:]  # a prefix cut short
         return count
+
+    def _finish_partial(self, data: bytes) -> int:
+        """Go on with a message begun in an earlier chunk; the position after it (or the
+        end of `data`, with the message still unfinished)."""
+        if self._prefix:
+            need = 5 - len(self._prefix)
+            self._prefix += data[:need]
+            if len(self._prefix) < 5:
+                return len(data)
+            self._left = int.from_bytes(self._prefix[1:], "big")
+            self._prefix = b""
+            pos = need
+        else:
+            pos = 0
+        step = min(self._left, len(data) - pos)
+        self._left -= step
+        return pos + step
 
     @property
     def between_messages(self) -> bool:

@@ -216,6 +216,21 @@ class H2Endpoint(asyncio.Protocol):
         stream = self.streams.get(stream_id)
         if stream is None or stream.local_closed or stream.end or not data:
             return
+        size = len(data)
+        if (
+            not stream.chunks
+            and size <= self._send_window
+            and size <= stream.send_window
+            and size <= self._peer_frame
+            and not self._write_paused
+        ):  # the usual case, a message that fits: straight out, no queue
+            self._out += (data_frame_header(stream_id, size), data)
+            self._send_window -= size
+            stream.send_window -= size
+            if stream.on_sent is not None:
+                stream.on_sent(size)
+            self._dirty()
+            return
         stream.chunks.append(data)
         if len(stream.chunks) == 1:
             self._send(stream_id, stream)

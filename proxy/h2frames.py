@@ -120,7 +120,8 @@ class FrameReader:
             if kind == DATA:
                 if not stream_id:
                     raise ProtocolViolation(PROTOCOL_ERROR, "DATA on stream 0")
-                handler.on_data(stream_id, flags, _unpad(flags, payload), length)
+                data = _unpad(flags, payload) if flags & PADDED else payload
+                handler.on_data(stream_id, flags, data, length)
             elif kind == HEADERS:
                 self._headers(flags, stream_id, payload)
             elif kind == CONTINUATION:
