@@ -1,5 +1,6 @@
 """The backends the proxies forward to: a fast static one (nginx), so that the proxy is
-the bottleneck, and a Python model-like one (bench/model_server.py), as users run."""
+the bottleneck, a Python model-like one (bench/model_server.py), as users run, and a gRPC
+one (bench/grpc_server.py, grpcio)."""
 
 from __future__ import annotations
 
@@ -17,18 +18,22 @@ REPO = Path(__file__).resolve().parent.parent
 
 @dataclass
 class Backends:
-    """Both backends, by name ("static", "python"), with their ports."""
+    """The backends, by name ("static", "python", "grpc"), with their ports."""
 
     static: nginx.Nginx
     python: Service
+    grpc: Service
     ports: dict[str, int]
 
     def stop(self) -> None:
+        self.grpc.stop()
         self.python.stop()
         self.static.stop()
 
     def pids(self, name: str) -> list[int]:
-        return self.static.pids() if name == "static" else [self.python.pid]
+        if name == "static":
+            return self.static.pids()
+        return [self.grpc.pid if name == "grpc" else self.python.pid]
 
 
 def python_backend_argv(port: int, *extra: str) -> list[str]:
@@ -59,4 +64,14 @@ def start(workdir: Path, ports: dict[str, int] | None = None) -> Backends:
         cwd=REPO,
     )
     wait_for_port(python_port, python)
-    return Backends(static, python, {"static": static_port, "python": python_port})
+
+    grpc_port = free_port()
+    grpc = Service.start(
+        "grpc-backend",
+        [sys.executable, "-m", "bench.grpc_server", "--port", str(grpc_port)],
+        log=workdir / "grpc-backend.log",
+        cwd=REPO,
+    )
+    wait_for_port(grpc_port, grpc)
+    ports = {"static": static_port, "python": python_port, "grpc": grpc_port}
+    return Backends(static, python, grpc, ports)

@@ -151,3 +151,60 @@ def checks(results: Results, cells: dict[str, dict[str, Cell]]) -> list[Check]:
     else:
         out.append(Check("child becoming ready → /ready 200 within 100 ms", "not measured", None))
     return out
+
+
+def grpc_checks(cells: dict[str, dict[str, Cell]]) -> list[Check]:
+    """Issue 10's targets: gRPC through model-proxy against nginx as Truss configures it for
+    gRPC (nginx-docker: a new connection to the server per call) and with keep-alive."""
+    look = _Lookup(cells)
+
+    def rate(c: Cell) -> float:
+        return c.rate
+
+    out: list[Check] = []
+    for scenario in ("grpc-unary-c64", "grpc-unary-c32"):
+        width = scenario.rsplit("-", 1)[1]
+        out += [
+            _at_least(f"gRPC unary {width}: calls/s ≥ 1.0x nginx as Truss configures it",
+                      look.ratio(scenario, rate, "nginx-docker"), 1.0),
+            _at_least(f"gRPC unary {width}: calls/s ≥ 0.8x nginx with keep-alive",
+                      look.ratio(scenario, rate), 0.8),
+            _added_latency(look, scenario, f"gRPC unary {width}: added p50 / p99 over direct"),
+        ]  # fmt: skip
+    for scenario in ("grpc-stream-c64", "grpc-stream-c32"):
+        width = scenario.rsplit("-", 1)[1]
+        out += [
+            _at_least(f"gRPC server streams {width}: messages/s ≥ 0.9x nginx with keep-alive",
+                      look.ratio(scenario, rate), 0.9),
+            _added_latency(look, scenario, f"gRPC server streams {width}: added p50 / p99 "
+                           "per call over direct"),
+        ]  # fmt: skip
+    streams = look.get("grpc-streams-1000", "model-proxy")
+    out.append(
+        _at_most(
+            "1,000 open gRPC streams: proxy RSS ≤ 150 MB",
+            streams.peak_rss_mib if streams else None,
+            150 * MIB_PER_MB,
+            "{:.1f} MiB",
+        )
+    )
+    if streams is None:
+        out.append(Check("1,000 open gRPC streams: every call ends OK", "not measured", None))
+    else:
+        out.append(
+            Check(
+                "1,000 open gRPC streams: every call ends OK",
+                f"{streams.errors} errors",
+                streams.errors == 0,
+            )
+        )
+    return out
+
+
+def _added_latency(look: _Lookup, scenario: str, text: str) -> Check:
+    """What model-proxy adds to direct's p50 and p99 (reported, no target to meet)."""
+    p50 = look.added(scenario, lambda c: c.p50_ms, "direct")
+    p99 = look.added(scenario, lambda c: c.p99_ms, "direct")
+    if p50 is None or p99 is None:
+        return Check(text, "not measured", None)
+    return Check(text, f"{p50:+.2f} ms / {p99:+.2f} ms", None)

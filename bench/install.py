@@ -9,8 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-# nginx-light has the http core, upstream keepalive and the proxy module: all the bench needs
-DEBIAN_PACKAGES = {"nginx": "nginx-light", "wrk": "wrk"}
+# nginx-light has the http core, upstream keepalive, the proxy module, HTTP/2 and grpc_pass:
+# all the bench needs; h2load (nghttp2) drives the gRPC load
+DEBIAN_PACKAGES = {"nginx": "nginx-light", "wrk": "wrk", "h2load": "nghttp2-client"}
 
 
 def ensure_debian_tools() -> None:

@@ -1,5 +1,6 @@
 """nginx in its three roles: the fast static backend, the tuned proxy, and the proxy as
-Baseten's docker_server configures it (truss/templates/docker_server/proxy.conf.jinja).
+Baseten's docker_server configures it (truss/templates/docker_server/proxy.conf.jinja), each
+proxy with a gRPC server (HTTP/2, grpc_pass) for the gRPC backend.
 
 Every instance has one worker (pinned with the rest of the servers to one CPU), no access
 log, and the same client-side keep-alive as model-proxy (no limit on requests per connection).
@@ -127,6 +128,40 @@ _DOCKER_SERVER = """\
 """
 
 
+# gRPC, as truss's docker_server template does for transport.kind grpc: `listen ... http2`
+# and `grpc_pass` straight to the server's port (no upstream block: a new HTTP/2 connection
+# to the server per call), its long read timeout
+_DOCKER_GRPC_SERVER = """\
+    server {{
+        listen 127.0.0.1:{port} http2 backlog=4096;
+        client_max_body_size {max_body};
+        http2_max_requests 1000000;
+        location / {{
+            proxy_read_timeout 18030s;
+            grpc_pass grpc://127.0.0.1:{backend};
+        }}
+    }}
+"""
+# gRPC tuned: the same, with a keep-alive pool of HTTP/2 connections to the server
+_TUNED_GRPC_SERVER = """\
+    upstream {name} {{
+        server 127.0.0.1:{backend};
+        keepalive 1024;
+        keepalive_requests 1000000;
+        keepalive_timeout 60s;
+    }}
+    server {{
+        listen 127.0.0.1:{port} http2 backlog=4096;
+        client_max_body_size {max_body};
+        http2_max_requests 1000000;
+        location / {{
+            grpc_read_timeout 3600s;
+            grpc_pass grpc://{name};
+        }}
+    }}
+"""
+
+
 class Nginx:
     """One nginx instance (master + one worker) with its own config in `directory`."""
 
@@ -180,7 +215,7 @@ def tuned_proxy(directory: Path, backends: dict[str, int]) -> tuple[Nginx, dict[
     """One listening port per backend, each with a keep-alive upstream pool."""
     ports = {name: free_port() for name in backends}
     servers = [
-        _TUNED_SERVER.format(
+        (_TUNED_GRPC_SERVER if name == "grpc" else _TUNED_SERVER).format(
             name=f"up_{name}", backend=backend, port=ports[name], max_body=MAX_BODY
         )
         for name, backend in backends.items()
@@ -193,7 +228,9 @@ def tuned_proxy(directory: Path, backends: dict[str, int]) -> tuple[Nginx, dict[
 def docker_server_proxy(directory: Path, backends: dict[str, int]) -> tuple[Nginx, dict[str, int]]:
     ports = {name: free_port() for name in backends}
     servers = [
-        _DOCKER_SERVER.format(backend=backend, port=ports[name], max_body=MAX_BODY)
+        (_DOCKER_GRPC_SERVER if name == "grpc" else _DOCKER_SERVER).format(
+            backend=backend, port=ports[name], max_body=MAX_BODY
+        )
         for name, backend in backends.items()
     ]
     return Nginx(

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .chart import chart
-from .checks import Check, checks
+from .checks import Check, checks, grpc_checks
 from .figures import Cell, Results, aggregate
 from .loadgen.stats import Measurement
 from .measure import Run
@@ -69,7 +69,12 @@ def _row(scenario: Scenario, target: str, cell: Cell, ref: Cell | None, direct: 
     )
 
 
-def markdown(results: Results, cells: dict[str, dict[str, Cell]], found: list[Check]) -> str:
+def markdown(
+    results: Results,
+    cells: dict[str, dict[str, Cell]],
+    found: list[Check],
+    grpc_found: list[Check] | None = None,
+) -> str:
     meta = results.meta
     lines = [
         f"# model-proxy side by side with nginx — {meta['date']}",
@@ -97,14 +102,19 @@ def markdown(results: Results, cells: dict[str, dict[str, Cell]], found: list[Ch
               "| --- | --- | --- |"]  # fmt: skip
     mark = {True: "yes", False: "**no**", None: "-"}
     lines += [f"| {c.target} | {c.measured} | {mark[c.met]} |" for c in found]
+    if grpc_found and any(c.measured != "not measured" for c in grpc_found):
+        lines += ["", "## Issue 10 targets (model-proxy, gRPC)", "",
+                  "| target | measured | met |", "| --- | --- | --- |"]  # fmt: skip
+        lines += [f"| {c.target} | {c.measured} | {mark[c.met]} |" for c in grpc_found]
     lines += [
         "",
         "## Every figure",
         "",
         "rate: units of work per second; vs nginx: ratio to nginx tuned; p50/p99: latency of a "
-        "request, a 10 MiB transfer or a WebSocket echo, and for SSE each event's delay from the "
-        "backend writing it to the client reading it; TTFC: request sent → first event "
-        "(added over direct in brackets); CPU: the target's processes' CPU time (user + system, "
+        "request, a 10 MiB transfer, a WebSocket echo or a whole gRPC call, and for SSE each "
+        "event's delay from the backend writing it to the client reading it; TTFC: request "
+        "sent → first event (added over direct in brackets); CPU: the target's processes' CPU "
+        "time (user + system, "
         "from /proc) per unit; peak RSS: VmHWM over the run (nginx: master + worker).",
         "",
         "| scenario | target | rate | vs nginx | p50 ms | p99 ms | TTFC ms | CPU | vs nginx "
@@ -141,12 +151,13 @@ def write(results: Results, directory: Path, name: str) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     cells = aggregate(results.runs)
     found = checks(results, cells)
-    text = markdown(results, cells, found)
+    grpc_found = grpc_checks(cells)
+    text = markdown(results, cells, found, grpc_found)
     (directory / f"{name}.md").write_text(text)
     chart(results, cells, directory / f"{name}.png")
     raw = {
         "meta": results.meta,
-        "targets_checked": [asdict(c) for c in found],
+        "targets_checked": [asdict(c) for c in found + grpc_found],
         "medians": {s: {t: asdict(c) for t, c in row.items()} for s, row in cells.items()},
         "memory_mib": results.memory,
         "readiness_s": results.readiness,

@@ -109,6 +109,11 @@ def _run_scenarios(
     warmup = min(1.0, duration / 2)
     for scenario in scenarios:
         _log(f"== {scenario.name}: {scenario.title}")
+        for target in targets:
+            try:
+                scenario.check(target)
+            except Exception as exc:  # reported; its runs still show what happened
+                _log(f"   {target.name}: the check call failed: {exc}")
         if scenario.warms_up:
             for target in targets:
                 run_once(scenario, target, servers, rep=-1, duration=warmup, workdir=workdir)

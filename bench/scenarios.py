@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import grpc_server
 from .backends import DOWNLOAD_PATH, TRANSFER_BYTES
-from .loadgen import client, wrk
+from .loadgen import client, h2load, wrk
 from .loadgen.stats import Measurement
 from .targets import Target
 
@@ -28,10 +29,31 @@ class Scenario:
     events: int = SSE_EVENTS
     once: bool = False  # SSE: every connection runs one stream, all started together
     quick: bool = False  # part of --quick
+    # gRPC (kind "grpc"): the request message, the messages each call answers, the calls
+    # each connection keeps in flight, and (once) how many calls in all
+    grpc_message: bytes = b""
+    grpc_replies: int = 1
+    grpc_streams: int = 1
+    grpc_calls: int | None = None
 
     def run(self, target: Target, duration: float, workdir: Path) -> Measurement:
         port = target.port(self.backend)
         path = target.path(self.path)
+        if self.kind == "grpc":
+            body = workdir / f"{self.name}.grpc"
+            if not body.exists():
+                body.write_bytes(grpc_server.frame(self.grpc_message))
+            return h2load.run(
+                port,
+                path,
+                body,
+                connections=self.concurrency,
+                streams=self.grpc_streams,
+                duration=None if self.grpc_calls else duration,
+                calls=self.grpc_calls,
+                messages_per_call=self.grpc_replies,
+                workdir=workdir,
+            )
         if self.kind in ("post", "upload", "download"):
             return wrk.run(
                 self.kind,
@@ -57,9 +79,29 @@ class Scenario:
     def warms_up(self) -> bool:
         return not self.once  # a warm-up of 1,000 streams would be a whole run
 
+    def check(self, target: Target) -> None:
+        """gRPC: one call through the target must end OK with every message (h2load only
+        sees HTTP statuses)."""
+        if self.kind != "grpc":
+            return
+        port, path = target.port(self.backend), target.path(self.path)
+        replies = h2load.check_call(port, path, self.grpc_message)
+        if replies != self.grpc_replies:
+            raise RuntimeError(f"{target.name}: {replies} gRPC messages, not {self.grpc_replies}")
+
 
 def _stream(events: int) -> str:
     return f"/stream?n={events}&interval={SSE_INTERVAL:g}"
+
+
+GRPC_UNARY = grpc_server.UNARY_REQUEST
+GRPC_STREAM_MESSAGES = 20
+GRPC_STREAM = grpc_server.stream_request(GRPC_STREAM_MESSAGES, 64)
+# 1,000 calls open at once (10 connections of 100 streams): 5 messages a second apart each,
+# 1,000 messages/s in all, well within what the grpcio backend can write
+GRPC_OPEN_STREAMS = 1000
+GRPC_SLOW_MESSAGES = 5
+GRPC_SLOW_STREAM = grpc_server.stream_request(GRPC_SLOW_MESSAGES, 64, interval_ms=1000)
 
 
 SCENARIOS = (
@@ -103,6 +145,30 @@ SCENARIOS = (
     Scenario(
         "ws-c16", "WebSocket echo, Python backend, c16", "python", "ws", "/ws", 16, "echo",
         "echo", quick=True,
+    ),
+    Scenario(
+        "grpc-unary-c64", "gRPC unary calls, grpcio backend, c64", "grpc", "grpc",
+        grpc_server.UNARY, 64, "call", "call", grpc_message=GRPC_UNARY, quick=True,
+    ),
+    Scenario(
+        "grpc-unary-c32", "gRPC unary calls, grpcio backend, c32", "grpc", "grpc",
+        grpc_server.UNARY, 32, "call", "call", grpc_message=GRPC_UNARY,
+    ),
+    Scenario(
+        "grpc-stream-c64", "gRPC server streams of 20 messages, c64", "grpc", "grpc",
+        grpc_server.STREAM, 64, "msg", "call", grpc_message=GRPC_STREAM,
+        grpc_replies=GRPC_STREAM_MESSAGES, quick=True,
+    ),
+    Scenario(
+        "grpc-stream-c32", "gRPC server streams of 20 messages, c32", "grpc", "grpc",
+        grpc_server.STREAM, 32, "msg", "call", grpc_message=GRPC_STREAM,
+        grpc_replies=GRPC_STREAM_MESSAGES,
+    ),
+    Scenario(
+        "grpc-streams-1000", "gRPC: 1,000 server streams open at once (5 msgs 1 s apart)",
+        "grpc", "grpc", grpc_server.STREAM, 10, "msg", "call", once=True, quick=True,
+        grpc_message=GRPC_SLOW_STREAM, grpc_replies=GRPC_SLOW_MESSAGES, grpc_streams=100,
+        grpc_calls=GRPC_OPEN_STREAMS,
     ),
 )  # fmt: skip
 

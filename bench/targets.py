@@ -40,9 +40,9 @@ class Target(Protocol):
 
 
 def proxied_path(backend_path: str) -> str:
-    """model-proxy's routes, which the nginx proxies copy: /predict as it is, the rest
-    under /sync/."""
-    if backend_path == "/predict" or backend_path.startswith("/predict?"):
+    """model-proxy's routes, which the nginx proxies copy: /predict and gRPC methods
+    (/package.Service/Method) as they are, the rest under /sync/."""
+    if backend_path == "/predict" or backend_path.startswith(("/predict?", "/bench.")):
         return backend_path
     return "/sync" + backend_path
 
@@ -92,9 +92,11 @@ def model_proxy_config(
     server_port: int,
     start_command: str = "exec sleep infinity",
     readiness_endpoint: str | None = None,
+    grpc: bool = False,
 ) -> Path:
     """A config whose child does nothing by default (the backend runs on its own, and
-    readiness is the backend's port accepting TCP)."""
+    readiness is the backend's port accepting TCP; with `grpc` the backend is a gRPC-only
+    server, probed with the gRPC health check, which it answers UNIMPLEMENTED: ready)."""
     docker_server: dict[str, object] = {
         "start_command": start_command,
         "server_port": server_port,
@@ -106,7 +108,7 @@ def model_proxy_config(
         "model_name": name,
         "docker_server": docker_server,
         # every scenario's concurrency fits in, up to 1,000 streams at once
-        "runtime": {"predict_concurrency": 4096},
+        "runtime": {"predict_concurrency": 4096, "transport": {"kind": "grpc" if grpc else "http"}},
         "proxy": {
             "host": "127.0.0.1",
             "port": port,
@@ -156,7 +158,11 @@ class ModelProxy:
         for backend, server_port in self.backend_ports.items():
             port = free_port()
             config = model_proxy_config(
-                self.workdir, name=f"model-proxy-{backend}", port=port, server_port=server_port
+                self.workdir,
+                name=f"model-proxy-{backend}",
+                port=port,
+                server_port=server_port,
+                grpc=backend == "grpc",
             )
             log = self.workdir / f"model-proxy-{backend}.log"
             self.services[backend] = start_model_proxy(config, f"model-proxy ({backend})", log)

@@ -1,5 +1,6 @@
-"""Wires the parts into one proxy: the route table, admission of each request, the
-model server's state as /health and /ready report it, and the metrics."""
+"""Wires the parts into one proxy: the route table (HTTP/1.1 and HTTP/2), admission of each
+request and gRPC call, the model server's state as /health and /ready report it, and the
+metrics."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import cast
 
 from prometheus_client import CollectorRegistry
 
+from . import grpc_status
 from .config import Config, read_secret
 from .errors import (
     BadRequest,
@@ -26,18 +28,24 @@ from .errors import (
 from .events import SSE, ResponseScanner, response_kind
 from .forward import ProxyExchange, UpstreamPool
 from .framing import Headers, RequestHead
-from .headers import client_request_id
+from .grpc_call import GrpcCall
+from .grpc_upstream import GrpcUpstream
+from .h2server import H2Request, H2ServerConnection, LocalResponse, StreamHandler
+from .headers import client_request_id, new_request_id, valid_request_id
 from .limiter import Limiter
-from .local import Answer, DeferredExchange, LocalExchange
+from .local import Answer, DeferredExchange, LocalExchange, error_headers
 from .logs import AccessLog
 from .metrics import CONTENT_TYPE, Gauges, Metrics
 from .paths import RouteMap, split_target
 from .protocol import ClientConnection, ConnectionLimits, Exchange
+from .sniff import Sniffer
 from .upstream_metrics import UpstreamMetrics, exposed_names
 from .websocket import Timers, Tunnel
 
 JSON = b"application/json"
 ADMIN_PATHS = (b"/health", b"/ready", b"/metrics")
+# the refusals counted in model_proxy_rejected_requests_total, whichever protocol
+REJECTIONS = frozenset({"unauthorized", "not_ready", "draining", "queue_full", "queue_timeout"})
 
 
 @dataclass
@@ -91,8 +99,12 @@ class Proxy:
             queue_timeout=settings.queue_timeout_seconds,
         )
         self.pool = UpstreamPool("127.0.0.1", config.docker_server.server_port)
+        grpc_port = config.grpc_port
+        self.grpc_upstream = GrpcUpstream("127.0.0.1", grpc_port) if grpc_port else None
         # any mutable set: the tests pass one that says when a connection comes or goes
         self.connections: MutableSet[ClientConnection] = set()
+        self.h2_connections: set[H2ServerConnection] = set()
+        self.sniffing: set[Sniffer] = set()  # connections whose protocol is not known yet
         self.tunnels: set[Tunnel] = set()
         self._tunnel_timers = Timers(
             idle_timeout=settings.websocket_idle_timeout_seconds,
@@ -128,8 +140,17 @@ class Proxy:
     def start_draining(self) -> None:
         self.draining = True
 
-    def connection(self) -> ClientConnection:
+    def connection(self) -> asyncio.Protocol:
+        """The listener's protocol: the first bytes choose HTTP/1.1 or HTTP/2."""
+        return Sniffer(self._http1, self._http2, self.limits.header_timeout, self.sniffing)
+
+    def _http1(self) -> ClientConnection:
         return ClientConnection(self.route, self.connections, self.limits)
+
+    def _http2(self) -> H2ServerConnection:
+        return H2ServerConnection(
+            self.route_h2, self.h2_connections, idle_timeout=self.limits.idle_timeout
+        )
 
     # -- routing ----------------------------------------------------------------------
 
@@ -181,38 +202,51 @@ class Proxy:
         return LocalExchange.error(conn, head, NotFound(), request_id=request_id)
 
     def _rejection(self, head: RequestHead) -> ProxyError | None:
-        if self._api_key is not None and not self._authorized(head):
+        # the header is only looked for when a key is set: this runs for every request
+        if self._api_key is not None and not self._authorized(head.header(b"authorization")):
             return Unauthorized()
+        return self._unavailable()
+
+    def _unavailable(self) -> ProxyError | None:
+        """Why no request or call can be taken now (draining, not ready), if so."""
         if self.closed:
             return Draining()
         if not self.state.ready:
             return NotReady()
         return None
 
-    def _authorized(self, head: RequestHead) -> bool:
+    def _authorized(self, authorization: bytes | None) -> bool:
         """`Authorization: Bearer <key>` or `Api-Key <key>`, compared in constant time."""
         assert self._api_key is not None
-        scheme, _, credentials = (head.header(b"authorization") or b"").strip().partition(b" ")
+        scheme, _, credentials = (authorization or b"").strip().partition(b" ")
         if scheme.lower() not in (b"bearer", b"api-key"):
             return False
         return hmac.compare_digest(credentials.strip(), self._api_key)
 
     def _admin(self, head: RequestHead, conn: ClientConnection, path: bytes) -> Exchange:
-        if head.method not in (b"GET", b"HEAD"):
-            error = MethodNotAllowed()
-            headers = [(b"Content-Type", JSON), (b"Allow", b"GET, HEAD")]
-            return LocalExchange.fixed(conn, head, error.status, headers, error.body())
-        if path == b"/metrics":
-            if self._metrics_key and not self._authorized(head):
-                return LocalExchange.error(conn, head, Unauthorized())  # not counted
-            if self.upstream_metrics is not None:
-                return DeferredExchange(conn, head, self._scrape)
-            return LocalExchange(
-                conn, head, lambda: (200, [(b"Content-Type", CONTENT_TYPE)], self.metrics.render())
-            )
-        return LocalExchange(conn, head, lambda: self._probe_answer(path))
+        method, authorization = head.method, head.header(b"authorization")
+        if (
+            path == b"/metrics"
+            and self.upstream_metrics is not None
+            and method in (b"GET", b"HEAD")
+            and not (self._metrics_key and not self._authorized(authorization))
+        ):
+            return DeferredExchange(conn, head, self._scrape)
+        # rendered in its turn: a pipelined burst of scrapes must not pile up answers
+        return LocalExchange(conn, head, lambda: self._admin_answer(method, path, authorization))
 
-    def _probe_answer(self, path: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    def _admin_answer(
+        self, method: bytes, path: bytes, authorization: bytes | None
+    ) -> tuple[int, Headers, bytes]:
+        """/health, /ready or /metrics, whichever protocol asked."""
+        if method not in (b"GET", b"HEAD"):
+            error: ProxyError = MethodNotAllowed()
+            return error.status, [(b"Content-Type", JSON), (b"Allow", b"GET, HEAD")], error.body()
+        if path == b"/metrics":
+            if self._metrics_key and not self._authorized(authorization):
+                error = Unauthorized()  # not counted
+                return error.status, error_headers(error), error.body()
+            return 200, [(b"Content-Type", CONTENT_TYPE)], self.metrics.render()
         # /health: a model server process runs; /ready: it takes traffic and we are not draining
         ok = self.state.running if path == b"/health" else self.state.ready and not self.draining
         return 200 if ok else 503, [(b"Content-Type", JSON)], self._status(ok)
@@ -223,6 +257,53 @@ class Proxy:
         families = await self.upstream_metrics.families()
         self.metrics.upstream_metrics_up = families is not None
         return 200, [(b"Content-Type", CONTENT_TYPE)], self.metrics.render() + (families or b"")
+
+    # -- HTTP/2 -----------------------------------------------------------------------
+
+    def route_h2(self, request: H2Request, conn: H2ServerConnection) -> StreamHandler:
+        path, _, query = request.path.partition(b"?")
+        if path in ADMIN_PATHS:
+            status, headers, body = self._admin_answer(request.method, path, request.authorization)
+            head_only = request.method == b"HEAD"
+            return LocalResponse(conn, request.stream_id, status, headers, body, head_only)
+        if request.grpc:
+            return self._grpc_call(request, conn)
+        error: ProxyError = NotFound()
+        if self.routes.upstream_target(path, query) is not None:
+            # REST goes to the model server over HTTP/1.1 only (see the README's gRPC section)
+            error = BadRequest(
+                "HTTP/2 carries gRPC calls and /health, /ready, /metrics here:"
+                " send REST requests over HTTP/1.1"
+            )
+        headers = error_headers(error)
+        return LocalResponse(conn, request.stream_id, error.status, headers, error.body())
+
+    def _grpc_call(self, request: H2Request, conn: H2ServerConnection) -> GrpcCall:
+        self.last_request_at = conn.loop.time()
+        upstream = self.grpc_upstream
+        call = GrpcCall(
+            conn,
+            request,
+            upstream=upstream,
+            admission=self.limiter,
+            request_timeout=self.config.proxy.request_timeout_seconds,
+            on_finish=self._grpc_finished,
+            on_messages=self._count_grpc_messages,
+        )
+        self._started()
+        refusal = self._unavailable()
+        if self._api_key is not None and not self._authorized(request.authorization):
+            call.fail(Unauthorized())
+        elif upstream is None:
+            call.refuse(
+                grpc_status.UNIMPLEMENTED,
+                "no gRPC upstream: set runtime.transport.kind grpc or proxy.grpc_upstream_port",
+            )
+        elif refusal is not None:
+            call.fail(refusal)
+        else:
+            call.start()
+        return call
 
     def _status(self, ok: bool) -> bytes:
         state = self.state
@@ -292,6 +373,51 @@ class Proxy:
 
     def _count_messages(self, direction: str, count: int) -> None:
         self.metrics.websocket_messages[direction] += count
+
+    def _count_grpc_messages(self, direction: str, count: int) -> None:
+        self.metrics.grpc_messages[direction] += count
+
+    def _grpc_finished(self, call: GrpcCall) -> None:
+        self._http_done()
+        arrived = call.arrived_at
+        duration = time.monotonic() - arrived
+        first_byte = None if call.first_byte_at is None else call.first_byte_at - arrived
+        status = grpc_status.name(call.status)
+        request = call.request
+        method = request.method.decode("latin-1")
+        self.metrics.request_finished(
+            "grpc",
+            method,
+            call.code,
+            duration=duration,
+            time_to_first_byte=first_byte,
+            queue_wait=None if call.admitted_at is None else call.admitted_at - arrived,
+            rejected=call.error_kind if call.error_kind in REJECTIONS else None,
+        )
+        self.metrics.grpc_call_finished(status)
+        if self.access_log is None:
+            return
+        chosen = request.request_id
+        if chosen is None or not valid_request_id(chosen):
+            chosen = new_request_id()
+        request_id = chosen.decode("latin-1")
+        path = request.path.decode("latin-1")
+        duration_ms = round(duration * 1000, 3)
+        self.access_log.add(
+            '%s "%s %s HTTP/2" %d grpc-status=%s %.1fms id=%s',
+            (request.client_ip, method, path, call.code, status, duration_ms, request_id),
+            {
+                "request_id": request_id,
+                "client": request.client_ip,
+                "route": "grpc",
+                "method": method,
+                "path": path,
+                "status": call.code,
+                "grpc_status": status,
+                "duration_ms": duration_ms,
+                "ttfb_ms": None if first_byte is None else round(first_byte * 1000, 3),
+            },
+        )
 
     def _finished(self, exchange: ProxyExchange) -> None:
         if exchange.code != 101:

@@ -13,7 +13,7 @@ from functools import partial
 import aiohttp
 
 from .config import Config
-from .probes import Probe, probe_http, probe_tcp, wait_until_ready, watch
+from .probes import Probe, probe_grpc, probe_http, probe_tcp, wait_until_ready, watch
 from .supervisor import ChildProcess, Reaper, RestartBackoff, spawn
 
 log = logging.getLogger("model_proxy")
@@ -78,6 +78,11 @@ class ModelServer:
             if server.liveness_endpoint
             else None
         )
+        if config.transport.kind == "grpc":
+            # a gRPC-only child has no HTTP endpoint: its health service answers both
+            health = config.proxy.grpc_health_service
+            grpc = partial(probe_grpc, "127.0.0.1", server.server_port, health, timeout)
+            self._readiness = self._liveness = grpc
 
     async def run(self) -> int:
         config = self._config

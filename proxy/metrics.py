@@ -15,6 +15,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from .grpc_status import CODE_NAMES
+
 # 1 ms to 10 min: LLM streams are long
 BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -25,7 +27,7 @@ EVENT_GAP_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
     0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 )  # fmt: skip
-ROUTES = ("predict", "sync")
+ROUTES = ("predict", "sync", "grpc")
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
 TOKEN_KINDS = ("prompt", "completion")
 DISCONNECT_PHASES = ("queued", "waiting", "streaming")
@@ -92,6 +94,9 @@ class Metrics(Collector):
         self.tokens = dict.fromkeys(TOKEN_KINDS, 0)
         self.upstream_metrics_up = False  # the model server's metrics merged in this scrape
         self.client_disconnects = dict.fromkeys(DISCONNECT_PHASES, 0)
+        # gRPC calls: by status (every name present from the start), messages by direction
+        self.grpc_requests = dict.fromkeys(CODE_NAMES, 0)
+        self.grpc_messages = dict.fromkeys(DIRECTIONS, 0)
         registry.register(self)
         ProcessCollector(registry=registry)  # process_*: CPU, memory, file descriptors
 
@@ -124,6 +129,9 @@ class Metrics(Collector):
     def count_tokens(self, prompt: int, completion: int) -> None:
         self.tokens["prompt"] += prompt
         self.tokens["completion"] += completion
+
+    def grpc_call_finished(self, status: str) -> None:
+        self.grpc_requests[status] += 1
 
     def render(self) -> bytes:
 
@@ -230,6 +238,25 @@ class Metrics(Collector):
             "1 when the model server's own metrics were merged into this scrape.",
             value=1 if self.upstream_metrics_up else 0,
         )
+        yield from self._grpc_families()
+
+    def _grpc_families(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            "model_proxy_grpc_requests",
+            "gRPC calls by final status, the proxy's own refusals included.",
+            labels=["grpc_code"],
+        )
+        for status, count in self.grpc_requests.items():
+            calls.add_metric([status], count)
+        yield calls
+        messages = CounterMetricFamily(
+            "model_proxy_grpc_messages",
+            "gRPC messages passed on, by direction.",
+            labels=["direction"],
+        )
+        for direction, count in self.grpc_messages.items():
+            messages.add_metric([direction], count)
+        yield messages
 
     @staticmethod
     def _histograms(name: str, documentation: str, by_route: dict[str, Histogram]) -> Metric:

@@ -9,6 +9,10 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
+from .errors import ProxyError
+from .grpc_upstream import GrpcUpstream, UpstreamConnection
+from .h2frames import Headers
+
 Probe = Callable[[], Awaitable[bool]]
 Clock = Callable[[], float]
 Report = Callable[[str], None]  # what a probe saw, in words: "HTTP 503", "connection refused"
@@ -64,6 +68,142 @@ def _os_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno).lower()
     return str(exc) or type(exc).__name__
+
+
+HEALTH_CHECK = b"/grpc.health.v1.Health/Check"
+SERVING = 1  # grpc.health.v1.HealthCheckResponse.ServingStatus
+GRPC_OK, GRPC_UNIMPLEMENTED = 0, 12
+
+
+async def probe_grpc(host: str, port: int, service: str, timeout: float) -> bool:
+    """True when `grpc.health.v1.Health/Check` says SERVING for `service`, or when the server
+    answers UNIMPLEMENTED (it has no health service: answering at all is being ready)."""
+    try:
+        async with asyncio.timeout(timeout):
+            status, reply = await _unary_call(host, port, HEALTH_CHECK, _health_request(service))
+    except (TimeoutError, ProxyError, ValueError):
+        return False
+    if status == GRPC_UNIMPLEMENTED:
+        return True
+    return status == GRPC_OK and _serving_status(reply) == SERVING
+
+
+class _Reply:
+    """One call's answer as its HTTP/2 stream delivers it (a ResponseSink)."""
+
+    def __init__(self, connection: UpstreamConnection) -> None:
+        self.connection = connection
+        self.stream_id = 0
+        self.data = bytearray()
+        self.status: int | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def response_headers(self, headers: Headers, end: bool) -> None:
+        if end:  # trailers-only
+            self._status(headers)
+
+    def response_data(self, data: bytes) -> None:
+        self.data += data
+        self.connection.ack(self.stream_id, len(data))
+
+    def response_trailers(self, headers: Headers) -> None:
+        self._status(headers)
+
+    def response_end(self) -> None:
+        self._status([])
+
+    def upstream_reset(self, code: int | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ValueError("the call was reset"))
+
+    def request_sent(self, size: int) -> None:
+        pass
+
+    def _status(self, headers: Headers) -> None:
+        self.status = _grpc_status(headers, None)
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def _unary_call(host: str, port: int, path: bytes, message: bytes) -> tuple[int, bytes]:
+    """One gRPC call over its own h2c connection: its status and the reply's bytes (the
+    messages with their prefixes)."""
+    upstream = GrpcUpstream(host, port)
+    try:
+        connection = await upstream.connect()
+        reply = _Reply(connection)
+        reply.stream_id = connection.open_call(
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":path", path),
+                (b":authority", b"%s:%d" % (host.encode(), port)),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+            ],
+            reply,
+        )
+        connection.send_data(reply.stream_id, b"\0" + len(message).to_bytes(4, "big") + message)
+        connection.end_stream(reply.stream_id)
+        await reply.done
+    finally:
+        upstream.close()
+    if reply.status is None:
+        raise ValueError("the answer had no grpc-status")
+    return reply.status, bytes(reply.data)
+
+
+def _grpc_status(headers: Headers, previous: int | None) -> int | None:
+    for name, value in headers:
+        if name == b"grpc-status" and value.isdigit():
+            return int(value)
+    return previous
+
+
+def _health_request(service: str) -> bytes:
+    """HealthCheckRequest{service = 1}, protobuf-encoded by hand: a tag and a string."""
+    name = service.encode()
+    return b"\x0a" + _varint(len(name)) + name if name else b""
+
+
+def _serving_status(reply: bytes) -> int:
+    """HealthCheckResponse.status (field 1, a varint) from the reply's first message."""
+    message = reply[5 : 5 + int.from_bytes(reply[1:5], "big")]
+    pos = 0
+    while pos < len(message):
+        tag, pos = _read_varint(message, pos)
+        if tag & 7 == 0:
+            value, pos = _read_varint(message, pos)
+            if tag >> 3 == 1:
+                return value
+        elif tag & 7 == 2:  # a field of a newer version of the message: skipped
+            length, pos = _read_varint(message, pos)
+            pos += length
+        else:
+            raise ValueError("unexpected field in HealthCheckResponse")
+    return 0  # UNKNOWN: the default, not encoded
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
 
 
 async def wait_until_ready(probe: Probe, *, interval: float, deadline: float, clock: Clock) -> bool:

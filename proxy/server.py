@@ -91,6 +91,8 @@ async def serve(config: Config) -> int:
         finally:
             model.kill()  # whatever happened above, no model server outlives the proxy
     proxy.pool.close()
+    if proxy.grpc_upstream is not None:
+        proxy.grpc_upstream.close()
     if proxy.access_log is not None:
         proxy.access_log.flush()
     await listener.wait_closed()
@@ -150,6 +152,10 @@ async def _drain(
     for connection in list(proxy.connections):
         if connection.idle:
             connection.close()
+    for h2_connection in list(proxy.h2_connections):
+        h2_connection.go_away()  # HTTP/2: GOAWAY; closed once its streams are done
+    for undecided in list(proxy.sniffing):
+        undecided.close()  # connected, nothing sent yet: idle
     log.info("listener closed; %d requests in flight", proxy.active)
 
     if not signals.force.is_set():
@@ -196,6 +202,8 @@ async def _close_websockets(proxy: Proxy, signals: Signals) -> None:
 def _abort_all(proxy: Proxy) -> None:
     for connection in list(proxy.connections):
         connection.abort()
+    for h2_connection in list(proxy.h2_connections):
+        h2_connection.cut()  # its streams reset, the model server's too
 
 
 async def _until(awaitable: Awaitable[object], seconds: float) -> None:

@@ -180,9 +180,15 @@ async def in_process_proxy(
         server.close()
         for connection in list(proxy.connections):
             connection.abort()
+        for h2_connection in list(proxy.h2_connections):
+            h2_connection.abort()
+        for undecided in list(proxy.sniffing):
+            undecided.close()
         for tunnel in list(proxy.tunnels):
             tunnel.abort()
         proxy.pool.close()
+        if proxy.grpc_upstream is not None:
+            proxy.grpc_upstream.close()
         await server.wait_closed()
 
 

@@ -4,13 +4,17 @@ fake clock (they run in microseconds, nothing waits for real time to pass)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 
 import aiohttp
+import grpc
 import pytest
 from aiohttp import web
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from proxy.probes import probe_http, probe_tcp, wait_until_ready, watch
+from proxy.probes import probe_grpc, probe_http, probe_tcp, wait_until_ready, watch
 
 from .conftest import fake_upstream, free_port
 
@@ -210,3 +214,76 @@ async def test_watch_with_a_zero_threshold_reports_the_first_failure() -> None:
 async def test_watch_says_nothing_while_all_is_well() -> None:
     probe = ScriptedProbe([T] * 20)
     assert await run_watch(probe, threshold=0) == []
+
+
+# -- the gRPC health check ------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def grpc_server(statuses: dict[str, int] | None) -> AsyncIterator[int]:
+    """A grpcio server with the standard health service set to `statuses` (None: without
+    any health service, only an unrelated method)."""
+    server = aio.server()
+    if statuses is None:
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("other.Service", {})])
+    else:
+        servicer = health.aio.HealthServicer()
+        for service, status in statuses.items():
+            await servicer.set(service, status)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield port
+    finally:
+        await server.stop(None)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.mark.parametrize(
+    ("statuses", "service", "ready"),
+    [
+        ({"": SERVING}, "", True),
+        ({"model": SERVING}, "model", True),
+        ({"model": NOT_SERVING}, "model", False),
+        ({"": SERVING}, "unknown-service", False),  # NOT_FOUND
+        (None, "", True),  # UNIMPLEMENTED: it answers, that is all a probe can ask
+    ],
+)
+async def test_probe_grpc_reads_the_health_service(
+    statuses: dict[str, int] | None, service: str, ready: bool
+) -> None:
+    async with grpc_server(statuses) as port:
+        assert await probe_grpc("127.0.0.1", port, service, timeout=2) is ready
+
+
+async def test_probe_grpc_fails_on_a_refused_connection() -> None:
+    assert await probe_grpc("127.0.0.1", free_port(), "", timeout=2) is False
+
+
+async def test_probe_grpc_fails_on_an_http1_server() -> None:
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", ok)
+    async with fake_upstream(app) as port:
+        assert await probe_grpc("127.0.0.1", port, "", timeout=2) is False
+
+
+async def test_probe_grpc_fails_when_no_answer_comes_in_time() -> None:
+    connected = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.set()
+        await reader.read()  # reads everything, answers nothing
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        assert await probe_grpc("127.0.0.1", port, "", timeout=0.2) is False
+        assert connected.is_set()
