@@ -22,6 +22,7 @@ COMPILED = [
     "proxy/local.py",
     "proxy/protocol.py",
     "proxy/forward.py",
+    "proxy/upstream.py",
     "proxy/websocket.py",
     "proxy/frames.py",
     "proxy/events.py",

@@ -26,7 +26,7 @@ from .errors import (
     Unauthorized,
 )
 from .events import SSE, ResponseScanner, response_kind
-from .forward import ProxyExchange, UpstreamPool
+from .forward import ProxyExchange
 from .framing import Headers, RequestHead
 from .grpc_call import GrpcCall
 from .grpc_upstream import GrpcUpstream
@@ -39,6 +39,7 @@ from .metrics import CONTENT_TYPE, Gauges, Metrics
 from .paths import RouteMap, split_target
 from .protocol import ClientConnection, ConnectionLimits, Exchange
 from .sniff import Sniffer
+from .upstream import UpstreamPool
 from .upstream_metrics import UpstreamMetrics, exposed_names
 from .websocket import Timers, Tunnel
 

@@ -3,19 +3,18 @@ its dotted path."""
 
 from __future__ import annotations
 
-import difflib
-import json
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, TypeGuard, TypeVar
+from typing import Any, Literal, TypeGuard
 
 import yaml
 
 from proxy import presets, truss
 from proxy.errors import ConfigError
+from proxy.sections import Section, show
 
 RestartPolicy = Literal["always", "never"]
 LogFormat = Literal["text", "json"]
@@ -27,8 +26,6 @@ _LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 _TRANSPORT_KINDS: tuple[TransportKind, ...] = ("http", "websocket", "grpc")
 _HOW_TO_CHOOSE = "pass --config PATH or set MODEL_PROXY_CONFIG"
 _NAME_RULE = 'must be a file name in proxy.secrets_dir (not empty, no "/")'
-_SHOW_MAX = 80  # a `(got X)` longer than this is cut: the line must stay readable
-_T = TypeVar("_T", bound=str)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -145,7 +142,7 @@ def load_config(path: Path, *, host: str | None = None, port: int | None = None)
     data = _read_yaml(path)
     problems: list[str] = []
     notes = _top_level_keys(data, problems)
-    top = _Section(data, "", problems)
+    top = Section(data, "", problems)
     model_name = top.text("model_name") or None
     raw_proxy = data.get("proxy")
     if raw_proxy is None or isinstance(raw_proxy, Mapping):
@@ -153,7 +150,7 @@ def load_config(path: Path, *, host: str | None = None, port: int | None = None)
         raw_proxy = {**(raw_proxy or {}), **overrides}
     # read first, for the presets file; its problems are listed after the other sections'
     proxy_problems: list[str] = []
-    proxy_section = _Section(raw_proxy, "proxy", proxy_problems, known=_PROXY_KEYS)
+    proxy_section = Section(raw_proxy, "proxy", proxy_problems, known=_PROXY_KEYS)
     presets_file = _presets_file(proxy_section, path.parent)
     implementation, model_uri, docker, preset_proxy = _docker_from_preset(
         top, model_name, presets_file
@@ -259,7 +256,7 @@ def _top_level_keys(data: Mapping[Any, Any], problems: list[str]) -> list[str]:
         if name in _TOP_KEYS:
             continue
         if close := truss.typo_of(name, _TOP_KEYS):
-            problems.append(f"{name}: unknown key; did you mean {close}? (got {_show(value)})")
+            problems.append(f"{name}: unknown key; did you mean {close}? (got {show(value)})")
         else:
             notes.append(f"{name}: not a key of model-proxy or Truss: ignored")
     return notes
@@ -286,12 +283,12 @@ def _read_yaml(path: Path) -> Mapping[Any, Any]:
     if data is None:  # an empty file: report the required keys
         return {}
     if not isinstance(data, Mapping):
-        raise ConfigError([f"{path}: the top level must be a mapping of keys (got {_show(data)})"])
+        raise ConfigError([f"{path}: the top level must be a mapping of keys (got {show(data)})"])
     return data
 
 
 def _docker_from_preset(
-    top: _Section, model_name: str | None, presets_file: Path | None
+    top: Section, model_name: str | None, presets_file: Path | None
 ) -> tuple[str | None, str | None, DockerServer, dict[str, Any]]:
     """docker_server, expanded from the server preset `implementation` names if it names one;
     with the preset's name, the model_uri it was given and the proxy settings it fills."""
@@ -319,7 +316,7 @@ def _docker_from_preset(
     if not preset or not isinstance(raw, Mapping | None):
         # said already (or said by _Section): check what the user wrote, without reporting
         # the keys the preset would have filled as missing
-        section = _Section(raw, "docker_server", top.problems, known=_DOCKER_KEYS)
+        section = Section(raw, "docker_server", top.problems, known=_DOCKER_KEYS)
         return None, None, _docker_server(section, complete=False), {}
     expanded, problems = presets.expand(
         preset,
@@ -329,14 +326,14 @@ def _docker_from_preset(
         preset_args=args.data,
     )
     top.problems.extend(problems)
-    section = _Section(
+    section = Section(
         expanded if not problems else raw, "docker_server", top.problems, known=_DOCKER_KEYS
     )
     docker = _docker_server(section, complete=not problems)
     return preset.name, model_uri, docker, preset.proxy_settings()
 
 
-def _docker_server(section: _Section, *, complete: bool = True) -> DockerServer:
+def _docker_server(section: Section, *, complete: bool = True) -> DockerServer:
     """`complete` False: a key the preset would have filled is not reported as missing."""
     return DockerServer(
         start_command=section.text("start_command", required=complete, nonempty=True),
@@ -349,7 +346,7 @@ def _docker_server(section: _Section, *, complete: bool = True) -> DockerServer:
     )
 
 
-def _health_checks(section: _Section) -> HealthChecks:
+def _health_checks(section: Section) -> HealthChecks:
     default = HealthChecks()
     section.seconds("restart_check_delay_seconds", 0.0)
     return HealthChecks(
@@ -357,7 +354,7 @@ def _health_checks(section: _Section) -> HealthChecks:
     )
 
 
-def _transport(section: _Section) -> Transport:
+def _transport(section: Section) -> Transport:
     default = Transport()
     kind = section.choice("kind", _TRANSPORT_KINDS, default.kind)
     interval = section.timeout("ping_interval_seconds")
@@ -371,14 +368,14 @@ def _transport(section: _Section) -> Transport:
     return Transport(kind=kind, ping_interval_seconds=interval, ping_timeout_seconds=timeout)
 
 
-def _presets_file(section: _Section, base: Path) -> Path | None:
+def _presets_file(section: Section, base: Path) -> Path | None:
     """proxy.presets_file, relative to the config file's folder."""
     name = section.text("presets_file", nonempty=True)
     return base / name if name else None
 
 
 def _proxy_settings(
-    section: _Section, concurrency: int, presets_file: Path | None, *, debug: bool
+    section: Section, concurrency: int, presets_file: Path | None, *, debug: bool
 ) -> ProxySettings:
     default = ProxySettings(max_queue_size=10 * concurrency)
     api_key_secret = section.text("api_key_secret", nonempty=True) or None
@@ -443,13 +440,13 @@ def _proxy_settings(
     )
 
 
-def _environment(section: _Section, notes: list[str]) -> dict[str, str]:
+def _environment(section: Section, notes: list[str]) -> dict[str, str]:
     environment: dict[str, str] = {}
     for name, value in section.data.items():
         if not isinstance(name, str) or not name or "=" in name or "\0" in name:
             section.problems.append(
                 f'environment_variables: names must be non-empty strings without "=" or NUL'
-                f" (got {_show(name)})"
+                f" (got {show(name)})"
             )
         elif value is None:  # Truss allows `KEY: null`: nothing to set
             notes.append(
@@ -480,7 +477,7 @@ def _secret_names(raw: object, problems: list[str]) -> tuple[str, ...]:
         if _is_file_name(name):
             names[name] = None
         else:
-            problems.append(f"secrets: {_NAME_RULE} (got {_show(name)})")
+            problems.append(f"secrets: {_NAME_RULE} (got {show(name)})")
     return tuple(names)
 
 
@@ -498,7 +495,7 @@ def _missing_secret(file: Path) -> str | None:
 def _load_secret(secrets_dir: Path, name: str) -> str:
     """The stripped content; ValueError saying why (never showing the content) if unusable."""
     if not _is_file_name(name):
-        raise ValueError(f"{_NAME_RULE} (got {_show(name)})")
+        raise ValueError(f"{_NAME_RULE} (got {show(name)})")
     file = secrets_dir / name
     if missing := _missing_secret(file):
         raise ValueError(missing)
@@ -517,167 +514,8 @@ def _is_file_name(name: object) -> TypeGuard[str]:
     return isinstance(name, str) and name not in ("", ".", "..") and not {"/", "\0"} & set(name)
 
 
-def _is_number(value: object) -> TypeGuard[int | float]:
-    # YAML's true/false are bools, which Python counts as ints: they are not numbers here
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _endpoint_problem(value: object, *, query: bool) -> str | None:
-    if not isinstance(value, str):
-        return "must be a string"
-    if value != value.strip():
-        return "must not have surrounding spaces"
-    if not value.startswith("/"):
-        return 'must start with "/"'
-    if value.startswith("//"):  # a URL joiner would read it as another host
-        return 'must not start with "//"'
-    if any(char.isspace() or not char.isprintable() for char in value):
-        return "must not contain spaces or control characters"
-    if not value.isascii():
-        return "must be ASCII (percent-encode other characters)"
-    if "#" in value:
-        return 'must not contain "#"'
-    if "?" in value and not query:
-        return "must not contain a query string"
-    return None
-
-
-def _show(value: object) -> str:
-    """`value` as YAML-ish text for `(got X)`: strings quoted, null/true/false as YAML has them."""
-    if value is None or isinstance(value, bool):
-        return json.dumps(value)
-    if isinstance(value, int | float):
-        return repr(value)
-    try:
-        text = json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):  # e.g. a YAML mapping with a list as key
-        text = repr(value)
-    return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 3] + "..."
-
-
 def _plain(section: DockerServer | HealthChecks | Transport | ProxySettings) -> dict[str, Any]:
     values = {field.name: getattr(section, field.name) for field in fields(section)}
     return {
         name: str(value) if isinstance(value, Path) else value for name, value in values.items()
     }
-
-
-class _Section:
-    """One mapping of config.yaml, read through typed getters that record problems instead of
-    raising. A getter returns the default when the key is absent or null, and a placeholder
-    when the value is wrong (the config is never built then)."""
-
-    def __init__(
-        self, raw: object, path: str, problems: list[str], known: Collection[str] | None = None
-    ) -> None:
-        self.path = path
-        self.problems = problems
-        self.data: Mapping[Any, Any] = raw if isinstance(raw, Mapping) else {}
-        self.valid = raw is None or isinstance(raw, Mapping)
-        if not self.valid:
-            problems.append(f"{path}: must be a mapping (got {_show(raw)})")
-        for key, value in self.data.items():
-            if known is not None and key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = (
-                    f"did you mean {close[0]}?" if close else f"expected one of {', '.join(known)}"
-                )
-                self.fail(key, f"unknown key; {hint}", value)
-
-    def child(self, key: str, *, known: Collection[str] | None = None) -> _Section:
-        return _Section(self.data.get(key), self._where(key), self.problems, known)
-
-    def fail(self, key: object, what: str, value: object) -> None:
-        self.problems.append(f"{self._where(key)}: {what} (got {_show(value)})")
-
-    def text(self, key: str, *, required: bool = False, nonempty: bool = False) -> str:
-        value = self.data.get(key)
-        if value is None:
-            self._require(key, required)
-            return ""
-        if not isinstance(value, str) or (nonempty and not value.strip()):
-            self.fail(key, "must be a non-empty string" if nonempty else "must be a string", value)
-            return ""
-        return value
-
-    def integer(self, key: str, default: int | None, *, low: int, high: int | None = None) -> int:
-        """`default` None: the key is required."""
-        value = self.data.get(key)
-        if value is None:
-            self._require(key, default is None)
-            return default or 0
-        # a float, even 8000.0, is a mistake worth pointing out rather than silently truncating
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        if is_int and low <= value and (high is None or value <= high):
-            return int(value)
-        bounds = f">= {low}" if high is None else f"between {low} and {high}"
-        self.fail(key, f"must be an integer {bounds}", value)
-        return 0  # never a valid port, so no follow-on "must differ" problem
-
-    def seconds(self, key: str, default: float) -> float:
-        value = self.data.get(key)
-        if value is None:
-            return default
-        if _is_number(value) and value >= 0:
-            return float(value)
-        self.fail(key, "must be a number of seconds >= 0", value)
-        return default
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.data.get(key)
-        if value is None:
-            return default
-        if isinstance(value, bool):
-            return value
-        self.fail(key, "must be true or false", value)
-        return default
-
-    def positive(self, key: str, default: float) -> float:
-        """Seconds that must be more than 0 (a limit of 0 would refuse everything)."""
-        value = self.data.get(key)
-        if value is None:
-            return default
-        if _is_number(value) and value > 0:
-            return float(value)
-        self.fail(key, "must be a number of seconds > 0", value)
-        return default
-
-    def timeout(self, key: str, default: float | None = None) -> float | None:
-        """Seconds > 0, or null for no limit; `default` when the key is absent."""
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        if value is None:
-            return None
-        if _is_number(value) and value > 0:
-            return float(value)
-        self.fail(key, "must be a number of seconds > 0, or null for no limit", value)
-        return default
-
-    def choice(self, key: str, options: tuple[_T, ...], default: _T) -> _T:
-        value = self.data.get(key)
-        for option in options:
-            if value == option:
-                return option
-        if value is not None:
-            self.fail(key, f"must be one of {', '.join(options)}", value)
-        return default
-
-    def endpoint(self, key: str, *, required: bool = False, query: bool = False) -> str:
-        """A path on the model server; "" when absent or wrong."""
-        value = self.data.get(key)
-        if value is None:
-            self._require(key, required)
-            return ""
-        if problem := _endpoint_problem(value, query=query):
-            self.fail(key, problem, value)
-            return ""
-        return str(value)
-
-    def _require(self, key: str, required: bool) -> None:
-        # a section that is not a mapping was reported once already
-        if required and self.valid:
-            self.problems.append(f"{self._where(key)}: required")
-
-    def _where(self, key: object) -> str:
-        return f"{self.path}.{key}" if self.path else str(key)

@@ -1,5 +1,5 @@
-"""HTTP forwarding to the model server: a keep-alive connection pool and the exchange that
-streams one request there and its response back, chunk by chunk, both ways.
+"""HTTP forwarding to the model server: the exchange that streams one request there, on a
+connection from the pool (upstream.py), and its response back, chunk by chunk, both ways.
 
 Everything a read event produces for the other side goes out in one `writelines`, and
 body chunks are passed on as they are (only re-framed), never copied into a whole body.
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from time import monotonic
-from typing import Protocol, cast
-
-import httptools
+from typing import Protocol
 
 from .errors import (
     PayloadTooLarge,
@@ -22,13 +20,13 @@ from .errors import (
 from .framing import Headers, RequestHead
 from .headers import scan_response_headers, upstream_request_head, websocket_response_head
 from .local import REASONS, error_headers
-from .protocol import WRITE_HIGH_WATER, WRITE_LOW_WATER, ClientConnection
+from .protocol import ClientConnection
+from .upstream import UpstreamConnection, UpstreamPool
 
 HIGH_WATER = 256 * 1024  # request bytes held while waiting for a slot or a connection
 # a client that left, by how far its request had come (model_proxy_client_disconnects_total)
 QUEUED, WAITING, STREAMING = "queued", "waiting", "streaming"
 REPLAY_LIMIT = 64 * 1024  # a request this small is resent once if a reused connection was stale
-MAX_IDLE = 512
 CHUNK_END = b"\r\n"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
@@ -71,197 +69,6 @@ class OnUpgrade(Protocol):
         from_client: bytes,
         from_upstream: bytes,
     ) -> None: ...
-
-
-class UpstreamPool:
-    """Keep-alive connections to the model server on 127.0.0.1, reused newest first."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host = host
-        self.port = port
-        self.authority = f"{host}:{port}".encode()
-        self._idle: list[UpstreamConnection] = []
-
-    def take_idle(self) -> UpstreamConnection | None:
-        while self._idle:
-            connection = self._idle.pop()
-            if connection.usable:
-                return connection
-        return None
-
-    async def connect(self) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
-        try:
-            _, connection = await loop.create_connection(
-                lambda: UpstreamConnection(self), self.host, self.port
-            )
-        except OSError as exc:
-            raise UpstreamUnavailable(f"cannot connect to the model server: {exc}") from exc
-        return connection
-
-    def put_back(self, connection: UpstreamConnection) -> None:
-        if len(self._idle) < MAX_IDLE:
-            connection.reused = True
-            self._idle.append(connection)
-        else:
-            connection.close()
-
-    def forget(self, connection: UpstreamConnection) -> None:
-        if connection in self._idle:
-            self._idle.remove(connection)
-
-    def close(self) -> None:
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            connection.close()
-
-
-class UpstreamConnection(asyncio.Protocol):
-    """One connection to the model server; parses responses for the exchange using it."""
-
-    def __init__(self, pool: UpstreamPool) -> None:
-        self._pool = pool
-        self.transport: asyncio.Transport | None = None
-        self.exchange: ProxyExchange | None = None
-        self.reused = False
-        self._parser = httptools.HttpResponseParser(self)
-        self._headers: Headers = []
-        self._reason = b""
-        self._interim = False  # a 1xx answer; the real one follows
-        self._lost = False
-        self._no_body = False
-        # a Content-Length body still to come: passed on as read, without llhttp, which
-        # would only copy it; the parser is replaced before the next response
-        self._body_left = 0
-        self._keep_alive = False
-        self._parser_spent = False
-
-    @property
-    def usable(self) -> bool:
-        return not self._lost and self.transport is not None and not self.transport.is_closing()
-
-    def begin(self, exchange: ProxyExchange, *, no_body: bool) -> None:
-        self.exchange = exchange
-        if self._parser_spent:
-            self._parser = httptools.HttpResponseParser(self)
-            self._parser_spent = False
-        # llhttp cannot be told that a HEAD answer has no body: its parser is dropped after
-        self._no_body = no_body
-
-    def write(self, pieces: list[bytes]) -> None:
-        assert self.transport is not None
-        self.transport.writelines(pieces)
-
-    def close(self) -> None:
-        self._lost = True
-        if self.transport is not None:
-            self.transport.abort()
-
-    # -- asyncio.Protocol -------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
-        self._pool.forget(self)
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None:
-            exchange.upstream_lost(self)
-
-    def data_received(self, data: bytes) -> None:
-        exchange = self.exchange
-        if exchange is None:
-            self.close()  # nobody asked: a protocol error of the model server
-            return
-        if self._body_left:
-            return self._pass_body(exchange, data)
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            self.exchange = None
-            exchange.upgraded(self, data[upgrade.args[0] :])
-            return
-        except httptools.HttpParserError:
-            self.close()
-            exchange.upstream_lost(self)
-            return
-        if self._body_left:
-            self._parser_spent = True  # it stopped mid-body; the rest bypasses it
-        exchange.flush_response()
-
-    def _pass_body(self, exchange: ProxyExchange, data: bytes) -> None:
-        if len(data) > self._body_left:
-            # more than the response announced: answer what was announced, drop the socket
-            data = data[: self._body_left]
-            self._keep_alive = False
-        self._body_left -= len(data)
-        exchange.response_body(data)
-        if self._body_left:
-            exchange.flush_response()
-        else:
-            self._message_done(keep_alive=self._keep_alive)
-
-    def pause_writing(self) -> None:
-        if self.exchange is not None:
-            self.exchange.conn.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.exchange is not None:
-            self.exchange.conn.resume_reading()
-
-    # -- llhttp callbacks -------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._headers = []
-        self._reason = b""
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
-        self._interim = 100 <= status < 200  # 1xx: the real answer follows (101: a tunnel)
-        if self.exchange is None:
-            return
-        if status == 101:
-            self.exchange.switching_protocols(self._reason, self._headers)
-            return
-        if self._interim:
-            return
-        length = self.exchange.response_head(status, self._reason, self._headers)
-        self._keep_alive = self._parser.should_keep_alive()
-        if self._no_body:
-            self._parser_spent = True
-            self._message_done(keep_alive=self._keep_alive)
-        else:
-            self._body_left = length or 0
-
-    def on_body(self, body: bytes) -> None:
-        if self._body_left:  # a Content-Length body (chunked ones are not counted)
-            self._body_left -= len(body)
-        if self.exchange is not None:
-            self.exchange.response_body(body)
-
-    def on_message_complete(self) -> None:
-        if self._interim or self._no_body:
-            return
-        self._body_left = 0
-        self._message_done(keep_alive=self._parser.should_keep_alive())
-
-    def _message_done(self, *, keep_alive: bool) -> None:
-        exchange, self.exchange = self.exchange, None
-        if exchange is None:
-            return
-        if exchange.release_upstream(self, keep_alive):
-            self._pool.put_back(self)
-        else:
-            self.close()
-        exchange.response_end()
 
 
 class ProxyExchange:
