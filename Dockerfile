@@ -24,6 +24,12 @@
 # one; the ca-bundle secret is the CA file uv trusts while it installs, mounted for that one
 # step and in no layer of the image. HTTP_PROXY/HTTPS_PROXY/NO_PROXY build arguments reach uv
 # as usual.
+#
+# The request path is compiled with mypyc where the base image can build C extensions (a C
+# compiler and the headers of model-proxy's Python): PROXY_COMPILE=auto, the default, says in
+# the build log which build it installs; 1 fails the build rather than install pure Python; 0
+# never compiles. Which one an image runs:
+#   docker run --rm --entrypoint /opt/model-proxy/venv/bin/model-proxy my-model --version
 
 # the model server: any image whose start command config.yaml's docker_server runs
 ARG BASE_IMAGE=vllm/vllm-openai:v0.11.0
@@ -39,6 +45,9 @@ ARG CONFIG=examples/vllm/config.yaml
 # a version uv downloads (python-build-standalone, from GitHub), or the path of an interpreter
 # the base image has (>= 3.11), used as it is: nothing to download
 ARG PROXY_PYTHON=3.12
+# the request path compiled with mypyc: auto (where the base has a C compiler and the headers
+# of PROXY_PYTHON), 1 (compiled, or the build fails) or 0 (pure Python)
+ARG PROXY_COMPILE=auto
 ARG PROXY_UID=10001
 
 # the base may have switched to its own user: creating ours needs root, briefly
@@ -48,20 +57,23 @@ USER 0
 ENV MODEL_PROXY_HOME=/opt/model-proxy \
     MODEL_PROXY_CONFIG=/app/config.yaml
 
-COPY pyproject.toml README.md /tmp/model-proxy-src/
+COPY pyproject.toml setup.py README.md /tmp/model-proxy-src/
+COPY build_support /tmp/model-proxy-src/build_support
 COPY proxy /tmp/model-proxy-src/proxy
 COPY config /tmp/model-proxy-src/config
 
 # the optional build secret ca-bundle: a CA file for uv's TLS (it trusts its own roots, not
-# the base image's), mounted for this step only; without it the mount is simply absent
+# the base image's), mounted for this step only; without it the mount is simply absent.
+# image_install.py decides on PROXY_COMPILE and runs uv; mypy (mypyc) lives in uv's build
+# environment and the C sources in the source tree, both gone when this step ends
 RUN --mount=from=uv,source=/uv,target=/usr/local/bin/uv \
     --mount=type=secret,id=ca-bundle \
     if [ -f /run/secrets/ca-bundle ]; then export SSL_CERT_FILE=/run/secrets/ca-bundle; fi \
     && UV_PYTHON_INSTALL_DIR="${MODEL_PROXY_HOME}/python" \
     UV_PYTHON_PREFERENCE=only-managed \
     uv venv --python "${PROXY_PYTHON}" "${MODEL_PROXY_HOME}/venv" \
-    && uv pip install --no-cache --compile-bytecode \
-        --python "${MODEL_PROXY_HOME}/venv/bin/python" /tmp/model-proxy-src \
+    && PROXY_COMPILE="${PROXY_COMPILE}" "${MODEL_PROXY_HOME}/venv/bin/python" \
+        /tmp/model-proxy-src/build_support/image_install.py /tmp/model-proxy-src \
     && rm -rf /tmp/model-proxy-src \
     && "${MODEL_PROXY_HOME}/venv/bin/model-proxy" presets > /dev/null
 

@@ -3,6 +3,7 @@ section, .ci/image-smoke, and a stop timeout that outlasts the drain."""
 
 from __future__ import annotations
 
+import json
 import re
 
 from proxy.config import load_config
@@ -27,7 +28,9 @@ def readme_section(title: str) -> str:
 
 def test_every_build_argument_is_documented_with_its_default() -> None:
     arguments = build_arguments()
-    assert {"BASE_IMAGE", "CONFIG", "PROXY_PYTHON", "UV_IMAGE", "PROXY_UID"} <= arguments.keys()
+    assert {"BASE_IMAGE", "CONFIG", "PROXY_PYTHON", "PROXY_COMPILE", "UV_IMAGE", "PROXY_UID"} <= (
+        arguments.keys()
+    )
     # only ARG NAME=DEFAULT lines: a bare ARG would be missed by build_arguments()
     assert len(arguments) == len(re.findall(r"^ARG ", DOCKERFILE, flags=re.MULTILINE))
     section = readme_section("Container image")
@@ -46,12 +49,26 @@ def test_the_ca_bundle_secret_is_mounted_and_documented() -> None:
 
 def test_image_smoke_sets_only_build_arguments_the_dockerfile_declares() -> None:
     used = set(re.findall(r'--build-arg "?(\w+)=', IMAGE_SMOKE))
-    assert {"BASE_IMAGE", "UV_IMAGE", "PROXY_PYTHON", "CONFIG"} <= used
+    assert {"BASE_IMAGE", "UV_IMAGE", "PROXY_PYTHON", "CONFIG", "PROXY_COMPILE"} <= used
     assert used <= build_arguments().keys()
     assert "id=ca-bundle," in IMAGE_SMOKE
     # the script makes the uv image for the version the Dockerfile's default names
     assert re.search(r"^ARG UV_IMAGE=\S+:[0-9][0-9.]*$", DOCKERFILE, flags=re.MULTILINE)
     assert (ROOT / build_arguments()["CONFIG"]).is_file()
+
+
+def test_the_readme_says_how_to_tell_which_build_an_image_runs() -> None:
+    # the compiled build is what CI builds and checks; the README's command calls the binary
+    # the image's entrypoint runs
+    assert "--build-arg PROXY_COMPILE=1" in IMAGE_SMOKE
+    assert "(compiled with mypyc)" in IMAGE_SMOKE
+    entrypoint = re.search(r"^ENTRYPOINT (\[.*\])$", DOCKERFILE, flags=re.MULTILINE)
+    assert entrypoint is not None
+    binary = json.loads(entrypoint.group(1))[0]
+    section = readme_section("Container image")
+    assert f"--entrypoint {binary} my-model --version" in section
+    assert "(compiled with mypyc)" in section
+    assert "(pure Python)" in section
 
 
 def test_the_documented_stop_timeout_outlasts_the_drain() -> None:
