@@ -26,6 +26,13 @@ COMPILED = [
     "proxy/websocket.py",
     "proxy/frames.py",
     "proxy/events.py",
+    # and what each request passes through on its way: routing and admission, the limiter,
+    # the counters, the access log, the listener's first bytes
+    "proxy/app.py",
+    "proxy/limiter.py",
+    "proxy/metrics.py",
+    "proxy/logs.py",
+    "proxy/sniff.py",
 ]
 
 ext_modules = []

@@ -15,6 +15,7 @@ COLORS = {
     "nginx-tuned": "#2e7d32",
     "nginx-docker": "#81c784",
     "model-proxy": "#1565c0",
+    "model-proxy-compiled": "#6a1b9a",
 }
 
 

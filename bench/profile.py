@@ -20,7 +20,7 @@ from . import install
 from .loadgen import wrk
 from .loadgen.stats import Measurement
 from .procs import LOADGEN_CPU, pinned
-from .targets import launch_model_proxy
+from .targets import launch_model_proxies
 
 BENCH = Path(__file__).resolve().parent
 TOP = 30
@@ -96,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     svg, raw = args.output / "flamegraph.svg", args.output / "stacks.txt"
     with ExitStack() as cleanup:
         ports = backend_servers.pick_ports()
-        proxy = launch_model_proxy(workdir, ports, cleanup)  # before its backends: see there
+        # before its backends: see targets.ModelProxy
+        proxy = launch_model_proxies(workdir, ports, ["model-proxy"], cleanup)["model-proxy"]
         servers = backend_servers.start(workdir, ports)
         cleanup.callback(servers.stop)
         proxy.wait()

@@ -14,7 +14,7 @@ from .figures import Cell, Results, aggregate
 from .loadgen.stats import Measurement
 from .measure import Run
 from .scenarios import BY_NAME, Scenario
-from .targets import REFERENCE
+from .targets import PROXY_NAMES, REFERENCE
 
 LOADGEN_BOUND = 0.85  # the load generator used this much of its CPU: it may be the limit
 # Other work on the machine makes a row noisy when it takes this much of CPU 1 (the
@@ -72,9 +72,10 @@ def _row(scenario: Scenario, target: str, cell: Cell, ref: Cell | None, direct: 
 def markdown(
     results: Results,
     cells: dict[str, dict[str, Cell]],
-    found: list[Check],
-    grpc_found: list[Check] | None = None,
+    found: dict[str, list[Check]],
+    grpc_found: dict[str, list[Check]] | None = None,
 ) -> str:
+    """`found` and `grpc_found`: the targets checked, for each model-proxy build measured."""
     meta = results.meta
     lines = [
         f"# model-proxy side by side with nginx — {meta['date']}",
@@ -98,14 +99,17 @@ def markdown(
             f"took more than {NOISY_CPU1:.0%} of CPU 1, or left the load generator less than "
             f"{1 - NOISY_CPU0:.0%} of CPU 0 to spare, are marked *noisy*: compare them with care.",
         ]
-    lines += ["", "## Issue 5 targets (model-proxy)", "", "| target | measured | met |",
-              "| --- | --- | --- |"]  # fmt: skip
     mark = {True: "yes", False: "**no**", None: "-"}
-    lines += [f"| {c.target} | {c.measured} | {mark[c.met]} |" for c in found]
-    if grpc_found and any(c.measured != "not measured" for c in grpc_found):
-        lines += ["", "## Issue 10 targets (model-proxy, gRPC)", "",
+    for build, build_found in found.items():
+        lines += ["", f"## Issues 5 and 13 targets ({build})", "",
                   "| target | measured | met |", "| --- | --- | --- |"]  # fmt: skip
-        lines += [f"| {c.target} | {c.measured} | {mark[c.met]} |" for c in grpc_found]
+        lines += [f"| {c.target} | {c.measured} | {mark[c.met]} |" for c in build_found]
+    for build, build_found in (grpc_found or {}).items():
+        if not any(c.measured != "not measured" for c in build_found):
+            continue
+        lines += ["", f"## Issue 10 targets ({build}, gRPC)", "",
+                  "| target | measured | met |", "| --- | --- | --- |"]  # fmt: skip
+        lines += [f"| {c.target} | {c.measured} | {mark[c.met]} |" for c in build_found]
     lines += [
         "",
         "## Every figure",
@@ -150,14 +154,17 @@ def write(results: Results, directory: Path, name: str) -> str:
     """Write NAME.md, NAME.png and NAME.json; returns the Markdown."""
     directory.mkdir(parents=True, exist_ok=True)
     cells = aggregate(results.runs)
-    found = checks(results, cells)
-    grpc_found = grpc_checks(cells)
+    builds = [name for name in PROXY_NAMES if any(name in row for row in cells.values())]
+    found = {build: checks(results, cells, build) for build in builds}
+    grpc_found = {build: grpc_checks(cells, build) for build in builds}
     text = markdown(results, cells, found, grpc_found)
     (directory / f"{name}.md").write_text(text)
     chart(results, cells, directory / f"{name}.png")
     raw = {
         "meta": results.meta,
-        "targets_checked": [asdict(c) for c in found + grpc_found],
+        "targets_checked": {
+            build: [asdict(c) for c in found[build] + grpc_found[build]] for build in builds
+        },
         "medians": {s: {t: asdict(c) for t, c in row.items()} for s, row in cells.items()},
         "memory_mib": results.memory,
         "readiness_s": results.readiness,

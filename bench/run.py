@@ -22,7 +22,7 @@ from .figures import Results
 from .measure import Run, memory_at_rest, readiness_latency, run_once
 from .procs import LOADGEN_CPU
 from .scenarios import BY_NAME, SCENARIOS, Scenario
-from .targets import TARGET_NAMES, Target, launch_model_proxy, start_all
+from .targets import TARGET_NAMES, Target, launch_model_proxies, start_all
 
 BENCH = Path(__file__).resolve().parent
 MAX_RUN_SECONDS = 60.0
@@ -170,12 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     readiness: list[float] = []
     with ExitStack() as cleanup:
         ports = backend_servers.pick_ports()
-        early = (
-            launch_model_proxy(workdir, ports, cleanup) if "model-proxy" in target_names else None
-        )
+        early = launch_model_proxies(workdir, ports, target_names, cleanup)
         servers = backend_servers.start(workdir, ports)
         cleanup.callback(servers.stop)
-        targets = start_all(workdir, servers, target_names, cleanup, model_proxy=early)
+        targets = start_all(workdir, servers, target_names, cleanup, model_proxies=early)
         _log(f"started the backends and {', '.join(target_names)} (logs in {workdir})")
         for target in targets:
             if target.name != "direct":

@@ -4,6 +4,9 @@ for a backend and which processes' CPU and memory are its cost."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -18,7 +21,8 @@ from . import nginx
 from .backends import REPO, Backends
 from .procs import Service, free_port, http_status
 
-TARGET_NAMES = ("direct", "nginx-tuned", "nginx-docker", "model-proxy")
+TARGET_NAMES = ("direct", "nginx-tuned", "nginx-docker", "model-proxy", "model-proxy-compiled")
+PROXY_NAMES = ("model-proxy", "model-proxy-compiled")  # the pure build and the mypyc one
 REFERENCE = "nginx-tuned"  # every ratio is to this one
 READY_TIMEOUT = 30.0
 
@@ -124,10 +128,39 @@ def model_proxy_config(
     return path
 
 
-def start_model_proxy(config: Path, name: str, log: Path) -> Service:
+def start_model_proxy(config: Path, name: str, log: Path, source: Path = REPO) -> Service:
+    """`python -m proxy` from `source`: the checkout (pure Python) or a compiled copy."""
     return Service.start(
-        name, [sys.executable, "-m", "proxy", "run", "--config", str(config)], log=log, cwd=REPO
+        name, [sys.executable, "-m", "proxy", "run", "--config", str(config)], log=log, cwd=source
     )
+
+
+def compiled_copy(directory: Path) -> Path:
+    """A copy of the checkout with the request path compiled by mypyc beside its sources
+    (setup.py, MODEL_PROXY_COMPILE=1), as .ci/compiled makes it."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        target = directory / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (REPO / name).is_file():
+            shutil.copy2(REPO / name, target)
+    built = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        cwd=directory,
+        env={**os.environ, "MODEL_PROXY_COMPILE": "1"},
+        capture_output=True,
+        text=True,
+    )
+    if built.returncode:
+        raise RuntimeError(
+            f"the compiled build failed:\n{built.stdout[-2000:]}{built.stderr[-2000:]}"
+        )
+    return directory
 
 
 def wait_ready(service: Service, port: int, timeout: float = READY_TIMEOUT) -> None:
@@ -151,6 +184,7 @@ class ModelProxy:
     workdir: Path
     backend_ports: dict[str, int]
     name: str = "model-proxy"
+    source: Path = REPO  # where `python -m proxy` runs from: the compiled copy, or not
     services: dict[str, Service] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -159,13 +193,15 @@ class ModelProxy:
             port = free_port()
             config = model_proxy_config(
                 self.workdir,
-                name=f"model-proxy-{backend}",
+                name=f"{self.name}-{backend}",
                 port=port,
                 server_port=server_port,
                 grpc=backend == "grpc",
             )
-            log = self.workdir / f"model-proxy-{backend}.log"
-            self.services[backend] = start_model_proxy(config, f"model-proxy ({backend})", log)
+            log = self.workdir / f"{self.name}-{backend}.log"
+            self.services[backend] = start_model_proxy(
+                config, f"{self.name} ({backend})", log, self.source
+            )
             self.ports[backend] = port
         # its port check is done once it has started its child: then the backends may start
         deadline = time.monotonic() + READY_TIMEOUT
@@ -201,10 +237,10 @@ def start_all(
     backends: Backends,
     names: Sequence[str],
     cleanup: ExitStack,
-    model_proxy: ModelProxy | None = None,
+    model_proxies: dict[str, ModelProxy] | None = None,
 ) -> list[Target]:
     """Start the named targets; each is stopped by `cleanup`, even one that failed to start.
-    model-proxy must have been launched before the backends (`launch_model_proxy`)."""
+    model-proxy must have been launched before the backends (`launch_model_proxies`)."""
     targets: list[Target] = []
     for name in names:
         target: Target
@@ -216,10 +252,10 @@ def start_all(
             target = NginxProxy(name, server, ports)
             cleanup.callback(target.stop)
             server.start()
-        elif name == "model-proxy":
-            if model_proxy is None:
-                raise ValueError("model-proxy must be launched before the backends start")
-            target = model_proxy
+        elif name in PROXY_NAMES:
+            if model_proxies is None or name not in model_proxies:
+                raise ValueError(f"{name} must be launched before the backends start")
+            target = model_proxies[name]
             target.wait()
 
         else:
@@ -228,11 +264,17 @@ def start_all(
     return targets
 
 
-def launch_model_proxy(
-    workdir: Path, backend_ports: dict[str, int], cleanup: ExitStack
-) -> ModelProxy:
-    """model-proxy's processes, started before the backends (see ModelProxy)."""
-    proxy = ModelProxy(workdir, backend_ports)
-    cleanup.callback(proxy.stop)
-    proxy.launch()
-    return proxy
+def launch_model_proxies(
+    workdir: Path, backend_ports: dict[str, int], names: Sequence[str], cleanup: ExitStack
+) -> dict[str, ModelProxy]:
+    """The named builds' processes, started before the backends (see ModelProxy)."""
+    proxies: dict[str, ModelProxy] = {}
+    for name in names:
+        if name not in PROXY_NAMES:
+            continue
+        source = REPO if name == "model-proxy" else compiled_copy(workdir / "compiled-source")
+        proxy = ModelProxy(workdir, backend_ports, name=name, source=source)
+        cleanup.callback(proxy.stop)
+        proxy.launch()
+        proxies[name] = proxy
+    return proxies

@@ -78,7 +78,7 @@ class Gauges:
 
 class Metrics(Collector):
     def __init__(self, registry: CollectorRegistry, gauges: Gauges) -> None:
-        self._registry = registry
+        self.registry = registry  # the app's own: what /metrics renders
         self._gauges = gauges
         self.requests: dict[tuple[str, str, int], int] = {}
         self.rejected: dict[str, int] = {}
@@ -135,7 +135,7 @@ class Metrics(Collector):
 
     def render(self) -> bytes:
 
-        return generate_latest(self._registry)
+        return generate_latest(self.registry)
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(

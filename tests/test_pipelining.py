@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.metrics_core import Metric
 
 from proxy.protocol import WRITE_HIGH_WATER
 
@@ -69,15 +70,20 @@ async def test_local_answers_wait_while_the_client_reads_nothing(tmp_path: Path)
         asyncio.timeout(SAFETY),
         connect(url) as (reader, writer),
     ):
-        render = proxy.metrics.render
 
-        def watched() -> bytes:
-            (connection,) = proxy.connections
-            assert connection.transport is not None
-            buffered.append(connection.transport.get_write_buffer_size())
-            return render()
+        class Watcher:
+            """Renders with the proxy's families: notes the client's unsent bytes then."""
 
-        proxy.metrics.render = watched  # type: ignore[method-assign]
+            def describe(self) -> list[Metric]:
+                return []
+
+            def collect(self) -> list[Metric]:
+                (connection,) = proxy.connections
+                assert connection.transport is not None
+                buffered.append(connection.transport.get_write_buffer_size())
+                return []
+
+        proxy.metrics.registry.register(Watcher())
         writer.write(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n" * count)
         await writer.drain()
         for _ in range(count):
