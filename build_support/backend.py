@@ -1,10 +1,12 @@
 """setuptools' build backend, asking for mypy (mypyc) only when MODEL_PROXY_COMPILE=1 asks for
-the compiled build (setup.py): a plain `pip install .` downloads nothing more."""
+the compiled build (setup.py): a plain `pip install .` downloads nothing more. An editable
+install is never compiled: an extension beside its .py would hide every later edit of it."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from setuptools import build_meta
@@ -14,22 +16,48 @@ _COMPILER = ["mypy>=1.10"]
 Settings = dict[str, Any] | None
 
 
-def _compiler() -> list[str]:
-    return _COMPILER if os.environ.get("MODEL_PROXY_COMPILE") == "1" else []
-
-
-def _asking(ask: Callable[[Settings], list[str]], config_settings: Settings) -> list[str]:
-    """setuptools runs setup.py to answer: tell it that mypyc is not there yet."""
-    os.environ["MODEL_PROXY_ASKING_REQUIREMENTS"] = "1"
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """setup.py runs in this process: it reads what it is asked through the environment."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
-        return [*ask(config_settings), *_compiler()]
+        yield
     finally:
-        del os.environ["MODEL_PROXY_ASKING_REQUIREMENTS"]
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+def _compiling() -> bool:
+    return os.environ.get("MODEL_PROXY_COMPILE") == "1"
 
 
 def get_requires_for_build_wheel(config_settings: Settings = None) -> list[str]:
-    return _asking(build_meta.get_requires_for_build_wheel, config_settings)
+    compiler = _COMPILER if _compiling() else []
+    # setup.py runs to answer, before mypyc is there: it is told so
+    with _environment(MODEL_PROXY_ASKING_REQUIREMENTS="1"):
+        return [*build_meta.get_requires_for_build_wheel(config_settings), *compiler]
 
 
 def get_requires_for_build_editable(config_settings: Settings = None) -> list[str]:
-    return _asking(build_meta.get_requires_for_build_editable, config_settings)
+    with _environment(MODEL_PROXY_COMPILE="0"):
+        return build_meta.get_requires_for_build_editable(config_settings)
+
+
+def build_editable(
+    wheel_directory: str, config_settings: Settings = None, metadata_directory: str | None = None
+) -> str:
+    build: Callable[..., str] = build_meta.build_editable
+    with _environment(MODEL_PROXY_COMPILE="0"):
+        return build(wheel_directory, config_settings, metadata_directory)
+
+
+def prepare_metadata_for_build_editable(
+    metadata_directory: str, config_settings: Settings = None
+) -> str:
+    prepare: Callable[..., str] = build_meta.prepare_metadata_for_build_editable
+    with _environment(MODEL_PROXY_COMPILE="0"):
+        return prepare(metadata_directory, config_settings)

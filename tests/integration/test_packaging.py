@@ -4,6 +4,7 @@ MODEL_PROXY_COMPILE=1 (.ci/compiled), it carries the request path compiled by my
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -64,3 +65,25 @@ def test_the_wheel_carries_the_registry_and_the_schema(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("MLSERVER  ")
     assert "/v2/models/{model_name}/ready" in run.stdout
+
+
+def test_the_build_asks_for_mypyc_only_for_a_compiled_wheel() -> None:
+    """MODEL_PROXY_COMPILE=1 adds mypy to a wheel's build requirements; an editable install
+    is never compiled (an extension beside its .py would hide every later edit)."""
+    ask = (
+        "import json, sys; sys.path.insert(0, 'build_support'); import backend; "
+        "print(json.dumps([backend.get_requires_for_build_wheel(),"
+        " backend.get_requires_for_build_editable()]))"
+    )
+    answers = {}
+    for compile_flag in ("0", "1"):
+        env = {**os.environ, "MODEL_PROXY_COMPILE": compile_flag}
+        done = subprocess.run(
+            [sys.executable, "-c", ask], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        answers[compile_flag] = json.loads(done.stdout.splitlines()[-1])
+    wheel, editable = answers["1"]
+    assert any(name.startswith("mypy") for name in wheel)
+    assert not any(name.startswith("mypy") for name in editable)
+    assert not any(name.startswith("mypy") for name in answers["0"][0] + answers["0"][1])
