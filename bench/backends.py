@@ -42,7 +42,7 @@ def python_backend_argv(port: int, *extra: str) -> list[str]:
 
 def pick_ports() -> dict[str, int]:
     """The backends' ports, chosen before they start (model-proxy must start first)."""
-    return {"static": free_port(), "python": free_port()}
+    return {"static": free_port(), "python": free_port(), "grpc": free_port()}
 
 
 def start(workdir: Path, ports: dict[str, int] | None = None) -> Backends:
@@ -65,7 +65,7 @@ def start(workdir: Path, ports: dict[str, int] | None = None) -> Backends:
     )
     wait_for_port(python_port, python)
 
-    grpc_port = free_port()
+    grpc_port = ports["grpc"]
     grpc = Service.start(
         "grpc-backend",
         [sys.executable, "-m", "bench.grpc_server", "--port", str(grpc_port)],
