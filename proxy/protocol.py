@@ -442,7 +442,11 @@ class ClientConnection(asyncio.Protocol):
     def _pass_body(self, data: bytes) -> bytes:
         """The rest of a Content-Length body, passed on without llhttp, which would only
         copy it; returns what follows the body (a pipelined request)."""
-        body, rest = data[: self._body_left], data[self._body_left :]
+        left = self._body_left
+        if len(data) <= left:  # the usual case: the read is all body, passed as it is
+            body, rest = data, b""  # (a compiled slice copies even a whole bytes)
+        else:
+            body, rest = data[:left], data[left:]
         self.on_body(body)
         if not self._body_left:
             self._parser = httptools.HttpRequestParser(self)  # the old one stopped mid-body
