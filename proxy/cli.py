@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import sys
-from importlib import machinery, metadata
+from importlib import machinery
 from pathlib import Path
 
 import uvloop
@@ -24,11 +24,25 @@ log = logging.getLogger("model_proxy")
 
 
 def version() -> str:
+    # imported only when asked: importlib.metadata costs the running proxy ~2 MB for nothing
+    from importlib import metadata
+
     try:
         number = metadata.version("model-proxy")
     except metadata.PackageNotFoundError:  # run from a checkout that was never installed
         number = "unknown (not installed)"
     return f"{number} ({build()})"
+
+
+class _Version(argparse.Action):
+    """--version, worked out only when asked (`run` never loads importlib.metadata)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show the version and the build")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        print(f"model-proxy {version()}")
+        parser.exit()
 
 
 def build() -> str:
@@ -44,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="model-proxy",
         description="A sidecar that runs a model server and proxies traffic to it.",
     )
-    parser.add_argument("--version", action="version", version=f"model-proxy {version()}")
+    parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     default_config = os.environ.get("MODEL_PROXY_CONFIG", "config.yaml")
     run = commands.add_parser("run", help="start the model server and serve traffic")

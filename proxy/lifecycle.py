@@ -10,8 +10,6 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 
-import aiohttp
-
 from .config import Config
 from .probes import Probe, probe_grpc, probe_http, probe_tcp, wait_until_ready, watch
 from .supervisor import ChildProcess, Reaper, RestartBackoff, spawn
@@ -42,7 +40,6 @@ class ModelServer:
         config: Config,
         *,
         reaper: Reaper,
-        session: aiohttp.ClientSession,
         on_phase: Callable[[str, int | None], None],
         on_restart: Callable[[], None],
         backoff: RestartBackoff | None = None,
@@ -61,27 +58,27 @@ class ModelServer:
         self._was_ready = False  # the child has been ready since its start
         self._last_probe = NO_PROBE_YET
         server = config.docker_server
-        base = f"http://127.0.0.1:{server.server_port}"
+        port = server.server_port
         timeout = min(PROBE_TIMEOUT, max(config.proxy.probe_interval_seconds, 0.1))
         self._probe_target = (
             f"GET {server.readiness_endpoint}"
             if server.readiness_endpoint
-            else f"TCP 127.0.0.1:{server.server_port}"
+            else f"TCP 127.0.0.1:{port}"
         )
         self._readiness: Probe = (
-            partial(probe_http, session, base + server.readiness_endpoint, timeout, self._saw)
+            partial(probe_http, "127.0.0.1", port, server.readiness_endpoint, timeout, self._saw)
             if server.readiness_endpoint
-            else partial(probe_tcp, "127.0.0.1", server.server_port, timeout, self._saw)
+            else partial(probe_tcp, "127.0.0.1", port, timeout, self._saw)
         )
         self._liveness: Probe | None = (
-            partial(probe_http, session, base + server.liveness_endpoint, timeout)
+            partial(probe_http, "127.0.0.1", port, server.liveness_endpoint, timeout)
             if server.liveness_endpoint
             else None
         )
         if config.transport.kind == "grpc":
             # a gRPC-only child has no HTTP endpoint: its health service answers both
             health = config.proxy.grpc_health_service
-            grpc = partial(probe_grpc, "127.0.0.1", server.server_port, health, timeout)
+            grpc = partial(probe_grpc, "127.0.0.1", port, health, timeout)
             self._readiness = self._liveness = grpc
 
     async def run(self) -> int:

@@ -7,8 +7,6 @@ import asyncio
 import os
 from collections.abc import Awaitable, Callable
 
-import aiohttp
-
 from .errors import ProxyError
 from .grpc_upstream import GrpcUpstream, UpstreamConnection
 from .h2frames import Headers
@@ -19,29 +17,52 @@ Report = Callable[[str], None]  # what a probe saw, in words: "HTTP 503", "conne
 
 
 async def probe_http(
-    session: aiohttp.ClientSession, url: str, timeout: float, report: Report | None = None
+    host: str, port: int, path: str, timeout: float, report: Report | None = None
 ) -> bool:
-    """True for a 2xx answer; any other status, a refused connection or a timeout is False."""
+    """True for a 2xx answer; any other status, a refused connection or a timeout is False.
+    Only the status line is read (the connection is closed then): a probe needs no more, and
+    no HTTP client library need be loaded for it."""
+    request = b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n\r\n" % (
+        path.encode(),
+        host.encode(),
+        port,
+    )
+    writer: asyncio.StreamWriter | None = None
     try:
-        async with session.get(
-            url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
-        ) as response:
-            status = response.status
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(request)
+            line = await reader.readuntil(b"\r\n")
     except TimeoutError:
         seen = f"no answer within {timeout:g} s"
-    except aiohttp.ServerDisconnectedError:
+    except asyncio.IncompleteReadError:
         seen = "the connection closed without an answer"
-    except aiohttp.ClientConnectorError as exc:
-        seen = _os_error(exc.os_error)
-    except (aiohttp.ClientError, OSError) as exc:
+    except asyncio.LimitOverrunError:
+        seen = "not an HTTP answer"
+    except OSError as exc:
         seen = _os_error(exc)
     else:
-        if report is not None:
-            report(f"HTTP {status}")
-        return 200 <= status < 300
+        status = _status(line)
+        seen = "not an HTTP answer" if status is None else f"HTTP {status}"
+        if status is not None:
+            if report is not None:
+                report(seen)
+            return 200 <= status < 300
+    finally:
+        if writer is not None:
+            writer.close()
     if report is not None:
         report(seen)
     return False
+
+
+def _status(line: bytes) -> int | None:
+    """The status code of an HTTP/1.x status line."""
+    version, _, rest = line.partition(b" ")
+    code = rest[:3]
+    if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
+        return None
+    return int(code)
 
 
 async def probe_tcp(host: str, port: int, timeout: float, report: Report | None = None) -> bool:

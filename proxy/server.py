@@ -9,8 +9,6 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 
-import aiohttp
-
 from .app import Proxy
 from .config import Config
 from .lifecycle import ModelServer, race
@@ -76,20 +74,11 @@ async def serve(config: Config) -> int:
         proxy.state.restarts += 1
         proxy.metrics.restarts += 1
 
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=4, force_close=True)
-    ) as session:
-        model = ModelServer(
-            config,
-            reaper=reaper,
-            session=session,
-            on_phase=proxy.state.enter,
-            on_restart=on_restart,
-        )
-        try:
-            code = await _run_until_stopped(proxy, listener, model, signals, config)
-        finally:
-            model.kill()  # whatever happened above, no model server outlives the proxy
+    model = ModelServer(config, reaper=reaper, on_phase=proxy.state.enter, on_restart=on_restart)
+    try:
+        code = await _run_until_stopped(proxy, listener, model, signals, config)
+    finally:
+        model.kill()  # whatever happened above, no model server outlives the proxy
     proxy.pool.close()
     if proxy.grpc_upstream is not None:
         proxy.grpc_upstream.close()

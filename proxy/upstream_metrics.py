@@ -9,13 +9,8 @@ import asyncio
 import logging
 from collections.abc import Iterable, Iterator
 
-import aiohttp
 from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric
-from prometheus_client.openmetrics.parser import (
-    text_string_to_metric_families as openmetrics_families,
-)
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 log = logging.getLogger("model_proxy")
@@ -67,7 +62,7 @@ class UpstreamMetrics:
         except TimeoutError:
             self._failed(f"no answer within {self._timeout:g} s")
             return None
-        except (aiohttp.ClientError, OSError) as exc:
+        except OSError as exc:
             self._failed(f"cannot fetch them ({exc or type(exc).__name__})")
             return None
         except (Unavailable, ValueError) as exc:
@@ -85,22 +80,27 @@ class UpstreamMetrics:
         return None
 
     async def _get(self) -> str:
+        # imported here: only a proxy that merges a model server's metrics pays its memory
+        import aiohttp
+
         connector = aiohttp.TCPConnector(force_close=True)
-        async with (
-            aiohttp.ClientSession(connector=connector) as session,
-            session.get(self.url, headers={"Accept": ACCEPT}, allow_redirects=False) as response,
-        ):
-            if response.status != 200:
-                raise Unavailable(f"status {response.status}")
-            body = bytearray()
-            async for data in response.content.iter_chunked(65536):
-                body += data
-                if len(body) > MAX_BYTES:
-                    raise Unavailable(f"more than {MAX_BYTES} bytes")
-            text = body.decode("utf-8")  # a UnicodeDecodeError is a ValueError
-            if response.content_type == "application/openmetrics-text":
-                return _as_text_format(text)
-            return text
+        try:
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
+                session.get(self.url, headers={"Accept": ACCEPT}, allow_redirects=False) as answer,
+            ):
+                if answer.status != 200:
+                    raise Unavailable(f"status {answer.status}")
+                body = bytearray()
+                async for data in answer.content.iter_chunked(65536):
+                    body += data
+                    if len(body) > MAX_BYTES:
+                        raise Unavailable(f"more than {MAX_BYTES} bytes")
+                openmetrics = answer.content_type == "application/openmetrics-text"
+        except aiohttp.ClientError as exc:
+            raise Unavailable(f"cannot fetch them ({exc or type(exc).__name__})") from exc
+        text = body.decode("utf-8")  # a UnicodeDecodeError is a ValueError
+        return _as_text_format(text) if openmetrics else text
 
 
 def exposed_names(exposition: str) -> frozenset[str]:
@@ -121,6 +121,9 @@ def child_families(text: str, reserved: frozenset[str]) -> bytes:
     """The model server's exposition `text` as lines to append: families that use a name in
     `reserved` dropped, the others unchanged. ValueError if the parser rejects `text`: a
     malformed line would make Prometheus reject the proxy's own metrics with it."""
+    # the parsers are imported when a model server's metrics are first merged, not before
+    from prometheus_client.parser import text_string_to_metric_families
+
     for _ in text_string_to_metric_families(text):
         pass  # parsed to the end, or ValueError
     kept: list[str] = []
@@ -183,5 +186,7 @@ class _Parsed(Collector):
 def _as_text_format(openmetrics: str) -> str:
     """An OpenMetrics answer (the model server ignored the Accept header) in the text
     format, through prometheus-client's parser and exposition."""
-    families = list(openmetrics_families(openmetrics))  # type: ignore[no-untyped-call]
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    families = list(text_string_to_metric_families(openmetrics))  # type: ignore[no-untyped-call]
     return generate_latest(_Parsed(families)).decode()

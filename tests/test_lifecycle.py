@@ -297,28 +297,26 @@ async def test_a_crash_loop_is_given_up_after_five_exits_in_a_row_never_ready(
     reaper = Reaper()
     reaper.install(asyncio.get_running_loop())
     try:
-        async with aiohttp.ClientSession() as session:
-            model = ModelServer(
-                config,
-                reaper=reaper,
-                session=session,
-                on_phase=on_phase,
-                on_restart=on_restart,
-                backoff=RestartBackoff(initial=0.01, maximum=0.02),
-            )
-            life = asyncio.create_task(model.run())
-            try:
-                async with asyncio.timeout(SAFETY):
-                    ready = asyncio.create_task(became_ready.wait())
-                    await asyncio.wait({ready, life}, return_when=asyncio.FIRST_COMPLETED)
-                    assert ready.done(), "gave up before run 5"
-                    pid = int((control / "server.pid").read_text())
-                    (control / f"exit-{pid}").write_text("0")
-                    code = await life
-            finally:
-                model.kill()
-                life.cancel()
-                await asyncio.gather(life, return_exceptions=True)
+        model = ModelServer(
+            config,
+            reaper=reaper,
+            on_phase=on_phase,
+            on_restart=on_restart,
+            backoff=RestartBackoff(initial=0.01, maximum=0.02),
+        )
+        life = asyncio.create_task(model.run())
+        try:
+            async with asyncio.timeout(SAFETY):
+                ready = asyncio.create_task(became_ready.wait())
+                await asyncio.wait({ready, life}, return_when=asyncio.FIRST_COMPLETED)
+                assert ready.done(), "gave up before run 5"
+                pid = int((control / "server.pid").read_text())
+                (control / f"exit-{pid}").write_text("0")
+                code = await life
+        finally:
+            model.kill()
+            life.cancel()
+            await asyncio.gather(life, return_exceptions=True)
     finally:
         reaper.uninstall()
     assert code == 1

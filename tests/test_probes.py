@@ -7,7 +7,6 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
-import aiohttp
 import grpc
 import pytest
 from aiohttp import web
@@ -40,21 +39,19 @@ def status_app(status: int) -> web.Application:
     [(200, True), (204, True), (299, True), (301, False), (302, False), (400, False),
      (404, False), (500, False), (503, False)],
 )  # fmt: skip
-async def test_probe_http_passes_on_2xx_only(
-    session: aiohttp.ClientSession, status: int, expected: bool
-) -> None:
+async def test_probe_http_passes_on_2xx_only(status: int, expected: bool) -> None:
     async with fake_upstream(status_app(status)) as port, asyncio.timeout(SAFETY):
-        assert await probe_http(session, f"http://127.0.0.1:{port}/probe", 1.0) is expected
+        assert await probe_http("127.0.0.1", port, "/probe", 1.0) is expected
 
 
-async def test_probe_http_fails_on_a_refused_connection(session: aiohttp.ClientSession) -> None:
+async def test_probe_http_fails_on_a_refused_connection() -> None:
+    seen: list[str] = []
     async with asyncio.timeout(SAFETY):
-        assert await probe_http(session, f"http://127.0.0.1:{free_port()}/health", 1.0) is False
+        assert await probe_http("127.0.0.1", free_port(), "/health", 1.0, seen.append) is False
+    assert seen == ["connection refused"]
 
 
-async def test_probe_http_fails_when_the_answer_does_not_come_in_time(
-    session: aiohttp.ClientSession,
-) -> None:
+async def test_probe_http_fails_when_the_answer_does_not_come_in_time() -> None:
     release = asyncio.Event()
     arrived = asyncio.Event()
 
@@ -68,15 +65,13 @@ async def test_probe_http_fails_when_the_answer_does_not_come_in_time(
     async with fake_upstream(app) as port:
         try:
             async with asyncio.timeout(SAFETY):
-                assert await probe_http(session, f"http://127.0.0.1:{port}/health", 0.05) is False
+                assert await probe_http("127.0.0.1", port, "/health", 0.05) is False
             assert arrived.is_set()  # it was the answer that was missing, not the connection
         finally:
             release.set()
 
 
-async def test_probe_http_fails_when_the_peer_hangs_up_without_answering(
-    session: aiohttp.ClientSession,
-) -> None:
+async def test_probe_http_fails_when_the_peer_hangs_up_without_answering() -> None:
     async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.close()
@@ -84,7 +79,30 @@ async def test_probe_http_fails_when_the_peer_hangs_up_without_answering(
     server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     async with server, asyncio.timeout(SAFETY):
-        assert await probe_http(session, f"http://127.0.0.1:{port}/health", 1.0) is False
+        assert await probe_http("127.0.0.1", port, "/health", 1.0) is False
+
+
+@pytest.mark.parametrize("answer", [b"SSH-2.0-OpenSSH_9.2\r\n", b"HTTP/1.1 2x0 OK\r\n"])
+async def test_probe_http_fails_on_an_answer_that_is_not_http(answer: bytes) -> None:
+    seen: list[str] = []
+
+    async def speak(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(speak, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, asyncio.timeout(SAFETY):
+        assert await probe_http("127.0.0.1", port, "/health", 1.0, seen.append) is False
+    assert seen == ["not an HTTP answer"]
+
+
+async def test_probe_http_reports_the_status_it_saw() -> None:
+    seen: list[str] = []
+    async with fake_upstream(status_app(503)) as port, asyncio.timeout(SAFETY):
+        assert await probe_http("127.0.0.1", port, "/probe", 1.0, seen.append) is False
+    assert seen == ["HTTP 503"]
 
 
 async def test_probe_tcp_passes_while_the_port_accepts() -> None:

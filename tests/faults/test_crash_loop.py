@@ -14,7 +14,6 @@ import logging
 import re
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from proxy.config import load_config
@@ -53,20 +52,18 @@ async def test_a_crash_loop_backs_off_doubling_to_the_cap_then_gives_up(
     reaper.install(asyncio.get_running_loop())
     caplog.set_level(logging.INFO, logger="model_proxy")
     try:
-        async with aiohttp.ClientSession() as session:
-            model = ModelServer(
-                config,
-                reaper=reaper,
-                session=session,
-                on_phase=on_phase,
-                on_restart=on_restart,
-                backoff=RestartBackoff(initial=0.01, maximum=0.04, give_up_after=5),
-            )
-            try:
-                async with asyncio.timeout(SAFETY):
-                    code = await model.run()
-            finally:
-                model.kill()
+        model = ModelServer(
+            config,
+            reaper=reaper,
+            on_phase=on_phase,
+            on_restart=on_restart,
+            backoff=RestartBackoff(initial=0.01, maximum=0.04, give_up_after=5),
+        )
+        try:
+            async with asyncio.timeout(SAFETY):
+                code = await model.run()
+        finally:
+            model.kill()
     finally:
         reaper.uninstall()
 
@@ -114,28 +111,26 @@ async def test_the_delay_starts_afresh_only_after_the_child_stayed_ready_long_en
     reaper.install(asyncio.get_running_loop())
     caplog.set_level(logging.INFO, logger="model_proxy")
     try:
-        async with aiohttp.ClientSession() as session:
-            model = ModelServer(
-                config,
-                reaper=reaper,
-                session=session,
-                on_phase=on_phase,
-                on_restart=lambda: None,
-                backoff=RestartBackoff(initial=0.01, maximum=0.04, reset_after=reset_after),
-            )
-            life = asyncio.create_task(model.run())
-            try:
+        model = ModelServer(
+            config,
+            reaper=reaper,
+            on_phase=on_phase,
+            on_restart=lambda: None,
+            backoff=RestartBackoff(initial=0.01, maximum=0.04, reset_after=reset_after),
+        )
+        life = asyncio.create_task(model.run())
+        try:
+            async with asyncio.timeout(SAFETY):
+                for _ in range(len(expected) + 1):
+                    (control / f"exit-{await readies.get()}").write_text("3")
+        finally:
+            model.kill()
+            life.cancel()
+            await asyncio.gather(life, return_exceptions=True)
+            if model.child is not None:  # its output, read to the end before the loop goes
                 async with asyncio.timeout(SAFETY):
-                    for _ in range(len(expected) + 1):
-                        (control / f"exit-{await readies.get()}").write_text("3")
-            finally:
-                model.kill()
-                life.cancel()
-                await asyncio.gather(life, return_exceptions=True)
-                if model.child is not None:  # its output, read to the end before the loop goes
-                    async with asyncio.timeout(SAFETY):
-                        await model.child.wait_group_gone()
-                        await model.child.output_closed()
+                    await model.child.wait_group_gone()
+                    await model.child.output_closed()
     finally:
         reaper.uninstall()
     messages = [record.getMessage() for record in caplog.records]

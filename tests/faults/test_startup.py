@@ -115,28 +115,26 @@ async def test_a_child_not_ready_gets_a_line_now_and_then_saying_what_the_probe_
     reaper = Reaper()
     reaper.install(asyncio.get_running_loop())
     try:
-        async with aiohttp.ClientSession() as session:
-            model = ModelServer(
-                config,
-                reaper=reaper,
-                session=session,
-                on_phase=lambda phase, pid: None,
-                on_restart=lambda: None,
-                progress_interval=0.2,
-            )
-            life = asyncio.create_task(model.run())
-            try:
-                async with asyncio.timeout(SAFETY):
-                    await waiter.matched.wait()
-            finally:
-                model.kill()
-                life.cancel()
-                await asyncio.gather(life, return_exceptions=True)
-                assert model.child is not None
-                pid = model.child.pid
-                async with asyncio.timeout(SAFETY):
-                    await model.child.wait_group_gone()
-                    await model.child.output_closed()
+        model = ModelServer(
+            config,
+            reaper=reaper,
+            on_phase=lambda phase, pid: None,
+            on_restart=lambda: None,
+            progress_interval=0.2,
+        )
+        life = asyncio.create_task(model.run())
+        try:
+            async with asyncio.timeout(SAFETY):
+                await waiter.matched.wait()
+        finally:
+            model.kill()
+            life.cancel()
+            await asyncio.gather(life, return_exceptions=True)
+            assert model.child is not None
+            pid = model.child.pid
+            async with asyncio.timeout(SAFETY):
+                await model.child.wait_group_gone()
+                await model.child.output_closed()
     finally:
         reaper.uninstall()
         logger.removeHandler(waiter)
