@@ -92,19 +92,28 @@ def end_to_end(reps: int, duration: float, workdir: Path) -> tuple[list[str], fl
     ]
     summary = []
     without: list[float] = []
-    backend = Service.start(
-        "python-backend", python_backend_argv(backend_port), log=workdir / "backend.log", cwd=REPO
+    # the proxy first: it refuses a server_port something already listens on (its child
+    # here is `sleep`; the backend is not its child), then the backend once it has started
+    config = model_proxy_config(
+        workdir, name="scan-switch", port=proxy_port, server_port=backend_port
     )
-    proxy: SwitchableProxy | None = None
+    log = workdir / "scan-switch.log"
+    argv = [sys.executable, "-m", "bench.scan_switch", "run", "--config", str(config)]
+    service = Service.start("scan switch", argv, log=log, cwd=REPO)
+    proxy: SwitchableProxy | None = SwitchableProxy(service, proxy_port, log)
+    backend: Service | None = None
     try:
-        wait_for_port(backend_port, backend)
-        config = model_proxy_config(
-            workdir, name="scan-switch", port=proxy_port, server_port=backend_port
+        while "started the model server" not in log.read_text(errors="replace"):
+            service.check_alive()
+            time.sleep(0.01)
+        backend = Service.start(
+            "python-backend",
+            python_backend_argv(backend_port),
+            log=workdir / "backend.log",
+            cwd=REPO,
         )
-        log = workdir / "scan-switch.log"
-        argv = [sys.executable, "-m", "bench.scan_switch", "run", "--config", str(config)]
-        service = Service.start("scan switch", argv, log=log, cwd=REPO)
-        proxy = SwitchableProxy(service, proxy_port, log)
+        wait_for_port(backend_port, backend)
+        assert proxy is not None
         wait_ready(proxy.service, proxy_port)
         # the static backend is not used by SSE scenarios
         backends = cast(Backends, _PythonOnly(backend, backend_port))
@@ -143,7 +152,8 @@ def end_to_end(reps: int, duration: float, workdir: Path) -> tuple[list[str], fl
     finally:
         if proxy is not None:
             proxy.stop()
-        backend.stop()
+        if backend is not None:
+            backend.stop()
     return [*summary, "", *lines], statistics.median(without) if without else None
 
 
