@@ -8,7 +8,8 @@ from typing import Protocol
 
 from .errors import UpstreamUnavailable
 from .h2conn import H2Endpoint
-from .h2frames import CANCEL, Headers
+from .h2fields import malformed_trailers
+from .h2frames import CANCEL, PROTOCOL_ERROR, Headers
 
 LAST_STREAM_ID = 2**31 - 1
 
@@ -69,6 +70,9 @@ class UpstreamConnection(H2Endpoint):
             sink = self._sinks.pop(stream_id) if end else self._sinks.get(stream_id)
             if sink is not None:
                 sink.response_headers(headers, end)  # end: trailers-only
+        elif malformed_trailers(headers):
+            # passed on, the client could take them for an error of its whole connection
+            self._stream_error(stream_id, PROTOCOL_ERROR)
         else:
             sink = self._sinks.pop(stream_id, None)
             if sink is not None:
