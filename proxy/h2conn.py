@@ -450,10 +450,8 @@ class H2Endpoint(asyncio.Protocol):
         if self.client_side or stream_id % 2 == 0 or stream_id <= self.highest_inbound:
             if stream_id in self._recent_resets or stream_id < self.next_stream_id:
                 return None  # a stream that is over: dropped
-            # §5.1: a stream closed both ways, or one the peer may not open
-            closed = not self.client_side and stream_id % 2
-            code = STREAM_CLOSED if closed else PROTOCOL_ERROR
-            raise ProtocolViolation(code, f"HEADERS on stream {stream_id}")
+            # §5.1.1: a stream the peer may not open (any more)
+            raise ProtocolViolation(PROTOCOL_ERROR, f"HEADERS on stream {stream_id}")
         self.highest_inbound = stream_id
         if len(self.streams) >= MAX_CONCURRENT_STREAMS:
             self._recent_resets.append(stream_id)

@@ -263,3 +263,29 @@ async def test_a_smaller_header_table_is_acknowledged_in_the_next_block(tmp_path
         answer = await peer.wait_for(HEADERS, 1)
         assert answer[0] == 0x20  # a dynamic table size update to 0, first
         await peer.close()
+
+
+async def test_a_burst_past_the_model_servers_stream_limit_opens_more_connections(
+    tmp_path: Path,
+) -> None:
+    """h2, as model server, takes 100 streams a connection and ends the whole connection
+    when a client opens more (the RFC allows it). 250 calls at once, before the proxy has
+    heard its SETTINGS and after: each connection gets no more than its limit."""
+    async with (
+        H2Upstream().serving() as upstream,
+        grpc_proxy(tmp_path, upstream.port, concurrency=500) as (proxy, url),
+    ):
+        client = await H2Client.connect(port_of(url))
+        first = [client.request(grpc_request(port_of(url), b"/a.B/C")) for _ in range(250)]
+        calls = [await upstream.next_stream() for _ in range(250)]
+        then = [client.request(grpc_request(port_of(url), b"/a.B/C")) for _ in range(150)]
+        calls += [await upstream.next_stream() for _ in range(150)]
+        for call in calls:
+            call.respond([*OK, (b"grpc-status", b"0")], end=True)
+        for stream_id in first + then:
+            assert (await client.reply(stream_id)).header(b"grpc-status") == b"0"
+        await client.close()
+        assert proxy.grpc_upstream is not None
+        assert len(upstream.connections) >= 4
+        for connection in upstream.connections:
+            assert not connection.closed.is_set()  # none was ended for too many streams
