@@ -150,7 +150,10 @@ class Proxy:
 
     def _http2(self) -> H2ServerConnection:
         return H2ServerConnection(
-            self.route_h2, self.h2_connections, idle_timeout=self.limits.idle_timeout
+            self.route_h2,
+            self.h2_connections,
+            idle_timeout=self.limits.idle_timeout,
+            send_timeout=self.limits.send_timeout,
         )
 
     # -- routing ----------------------------------------------------------------------
@@ -380,6 +383,8 @@ class Proxy:
 
     def _grpc_finished(self, call: GrpcCall) -> None:
         self._http_done()
+        if call.disconnect is not None:
+            self.metrics.client_disconnects[call.disconnect] += 1
         arrived = call.arrived_at
         duration = time.monotonic() - arrived
         first_byte = None if call.first_byte_at is None else call.first_byte_at - arrived

@@ -11,10 +11,12 @@ from typing import Protocol
 from . import grpc_status
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 from .grpc_upstream import GrpcUpstream, UpstreamConnection
-from .h2frames import INTERNAL_ERROR, Headers
+from .h2frames import INTERNAL_ERROR, PROTOCOL_ERROR, Headers
 from .h2server import H2Request, H2ServerConnection
 
 CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT = "client_to_upstream", "upstream_to_client"
+# a client that left, by how far its call had come (model_proxy_client_disconnects_total)
+QUEUED, WAITING, STREAMING = "queued", "waiting", "streaming"
 
 
 class Admission(Protocol):
@@ -86,11 +88,13 @@ class GrpcCall:
         "_admitted",
         "_counted",
         "_early",
+        "_length_left",
         "_on_finish",
         "_on_messages",
         "_request_counter",
         "_request_ended",
         "_request_timeout",
+        "_request_trailers",
         "_response_counter",
         "_task",
         "_timer",
@@ -99,6 +103,7 @@ class GrpcCall:
         "arrived_at",
         "client",
         "code",
+        "disconnect",
         "done",
         "error_kind",
         "first_byte_at",
@@ -134,11 +139,17 @@ class GrpcCall:
         self.code = 200  # the HTTP status: 200 for every answered call, 499 if the client left
         self.status: int | None = None  # the gRPC status
         self.error_kind: str | None = None  # the proxy's own refusal, if it was one
+        self.disconnect: str | None = None  # the phase in which the client left, if it did
         self.done = False
         self.upstream: UpstreamConnection | None = None
         self.upstream_stream = 0
         self._early: list[bytes] = []  # request bytes before the model server's stream opens
+        # what the request's content-length (rarely sent) still allows: a body that breaks
+        # it is malformed (RFC 9113 §8.1.1) and is stopped before its excess or its end
+        # reaches the model server, which could take it for an error of the whole connection
+        self._length_left = request.content_length
         self._request_ended = False
+        self._request_trailers: Headers | None = None
         self._admitted = False
         self._counted = False
         self._request_counter = MessageCounter()
@@ -179,6 +190,10 @@ class GrpcCall:
         if self.done:
             self.client.ack(self.stream_id, len(data))
             return
+        if self._length_left is not None:
+            self._length_left -= len(data)
+            if self._length_left < 0:
+                return self._malformed()
         count = self._request_counter.feed(data)
         if count:
             self._on_messages(CLIENT_TO_UPSTREAM, count)
@@ -187,15 +202,28 @@ class GrpcCall:
         else:
             self._early.append(data)  # not acknowledged: the client's window bounds it
 
+    def request_trailers(self, headers: Headers) -> None:
+        self._request_trailers = headers
+
     def request_end(self) -> None:
+        if self.done:
+            return
+        if self._length_left:
+            return self._malformed()
         self._request_ended = True
-        if self.upstream is not None and not self.done:
-            self.upstream.end_stream(self.upstream_stream)
+        if self.upstream is not None:
+            self.upstream.end_stream(self.upstream_stream, self._request_trailers)
 
     def client_reset(self) -> None:
         """The client cancelled (RST_STREAM) or left: cancel at the model server at once."""
         if not self.done:
             self.code = 499
+            if not self._admitted:
+                self.disconnect = QUEUED
+            elif self.first_byte_at is None:
+                self.disconnect = WAITING
+            else:
+                self.disconnect = STREAMING
             self._finish(grpc_status.CANCELLED)
 
     def _response_sent(self, size: int) -> None:
@@ -239,7 +267,7 @@ class GrpcCall:
         if code is None:  # the connection went away
             error = UpstreamUnavailable("the model server closed the connection")
             return self.fail(error)
-        self.client.reset(self.stream_id, code)
+        self.client.reset_stream(self.stream_id, code)
         self._finish(grpc_status.FOR_RESET.get(code, grpc_status.INTERNAL))
 
     def request_sent(self, size: int) -> None:
@@ -289,7 +317,7 @@ class GrpcCall:
         for chunk in early:
             connection.send_data(self.upstream_stream, chunk)
         if self._request_ended:
-            connection.end_stream(self.upstream_stream)
+            connection.end_stream(self.upstream_stream, self._request_trailers)
         if self._request_timeout is not None:
             self._timer = self.client.loop.call_later(self._request_timeout, self._timed_out)
 
@@ -309,9 +337,14 @@ class GrpcCall:
         if self._response_counter.between_messages:
             self.client.end_stream(self.stream_id, grpc_status.trailers_only(code, message)[2:])
         else:
-            self.client.reset(self.stream_id, INTERNAL_ERROR)
+            self.client.reset_stream(self.stream_id, INTERNAL_ERROR)
             code = grpc_status.INTERNAL
         self._finish(code)
+
+    def _malformed(self) -> None:
+        """The client broke the protocol: its stream is reset, the model server's cancelled."""
+        self.client.reset_stream(self.stream_id, PROTOCOL_ERROR)
+        self._finish(grpc_status.INTERNAL)
 
     def _finish(self, status: int | None) -> None:
         self.done = True

@@ -8,9 +8,11 @@ from typing import Protocol
 
 from .errors import UpstreamUnavailable
 from .h2conn import H2Endpoint
-from .h2frames import CANCEL, Headers
+from .h2fields import malformed_trailers
+from .h2frames import CANCEL, PROTOCOL_ERROR, Headers
 
 LAST_STREAM_ID = 2**31 - 1
+SETTINGS_TIMEOUT = 10.0  # a new connection's wait for the server's SETTINGS
 
 
 class ResponseSink(Protocol):
@@ -32,6 +34,9 @@ class UpstreamConnection(H2Endpoint):
         self._pool = pool
         self._sinks: dict[int, ResponseSink] = {}
         self.going_away = False
+        # the server's first SETTINGS: until then its stream limit is unknown (a strict one
+        # ends the whole connection when a burst of calls goes past it)
+        self.settled: asyncio.Future[None] = self._loop.create_future()
 
     @property
     def has_room(self) -> bool:
@@ -55,8 +60,17 @@ class UpstreamConnection(H2Endpoint):
         self.reset(stream_id, CANCEL)  # nothing is sent for a stream closed both ways
         self._maybe_close()
 
+    def on_settings(self, settings: list[tuple[int, int]]) -> None:
+        super().on_settings(settings)
+        if not self.settled.done():
+            self.settled.set_result(None)
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if not self.settled.done():
+            self.settled.set_exception(
+                UpstreamUnavailable("the model server closed the connection")
+            )
         self._pool.forget(self)
         sinks, self._sinks = self._sinks, {}
         for sink in sinks.values():
@@ -69,6 +83,9 @@ class UpstreamConnection(H2Endpoint):
             sink = self._sinks.pop(stream_id) if end else self._sinks.get(stream_id)
             if sink is not None:
                 sink.response_headers(headers, end)  # end: trailers-only
+        elif malformed_trailers(headers):
+            # passed on, the client could take them for an error of its whole connection
+            self._stream_error(stream_id, PROTOCOL_ERROR)
         else:
             sink = self._sinks.pop(stream_id, None)
             if sink is not None:
@@ -124,12 +141,17 @@ class GrpcUpstream:
         return None
 
     async def connect(self) -> UpstreamConnection:
-        """A new connection; calls that ask while one is being opened share it."""
-        if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._open())
-            self._connecting.add_done_callback(self._opened)
-        connection = await asyncio.shield(self._connecting)
-        return connection
+        """A connection with room for one more stream, opened when none has any. Calls that
+        ask while one is being opened wait for it, and take its room in turn; those it has
+        none for open the next."""
+        while True:
+            if self._connecting is None:
+                self._connecting = asyncio.ensure_future(self._open())
+                self._connecting.add_done_callback(self._opened)
+            await asyncio.shield(self._connecting)
+            connection = self.take()
+            if connection is not None:
+                return connection
 
     async def _open(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
@@ -139,6 +161,17 @@ class GrpcUpstream:
             )
         except OSError as exc:
             raise UpstreamUnavailable(f"cannot connect to the model server: {exc}") from exc
+        try:
+            async with asyncio.timeout(SETTINGS_TIMEOUT):
+                await connection.settled
+        except TimeoutError:
+            connection.abort()
+            raise UpstreamUnavailable(
+                "the model server's gRPC port does not speak HTTP/2"
+            ) from None
+        if not connection.has_room:  # it takes no streams at all: opening more will not help
+            connection.abort()
+            raise UpstreamUnavailable("the model server takes no new streams")
         self.connections.append(connection)
         return connection
 

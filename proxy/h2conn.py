@@ -29,6 +29,7 @@ from .h2frames import (
     END_STREAM,
     FLOW_CONTROL_ERROR,
     GOAWAY,
+    HEADER_TABLE_SIZE,
     INITIAL_WINDOW_SIZE,
     MAX_HEADER_LIST_SIZE,
     MAX_WINDOW,
@@ -116,6 +117,7 @@ class H2Endpoint(asyncio.Protocol):
         self._waiting: set[int] = set()  # streams with bytes or an end waiting for a window
         self._out: list[bytes] = []
         self._write_paused = False
+        self._table_update = b""  # a size update our next header block must begin with
         self._flush_due = False
         self._loop = asyncio.get_running_loop()
 
@@ -152,10 +154,17 @@ class H2Endpoint(asyncio.Protocol):
         return None  # a half-closed HTTP/2 peer has left: close
 
     def pause_writing(self) -> None:
+        """The peer reads slower than we write. Its streams' data waits in their queues, and
+        no more of its frames are read: each may ask for an answer (a PING, a SETTINGS, a
+        new stream), which would pile up in the socket's buffer without bound."""
         self._write_paused = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
         self._window_opened(0)
         self.flush()
 
@@ -184,6 +193,9 @@ class H2Endpoint(asyncio.Protocol):
     def _ended(self, stream_id: int) -> None:
         """The proxy's half of the stream is over (its last frame is queued)."""
 
+    def _flow(self, stream_id: int, sent: int, waiting: bool) -> None:
+        """The stream sent `sent` bytes as the windows allowed; `waiting`: more wait for them."""
+
     # -- for the subclass and the streams' owners -------------------------------------
 
     def open_stream(self, headers: Headers) -> int:
@@ -191,7 +203,7 @@ class H2Endpoint(asyncio.Protocol):
         stream_id = self.next_stream_id
         self.next_stream_id += 2
         self.streams[stream_id] = Stream(self._peer_window)
-        self._out += header_frames(stream_id, encode(headers), 0, self._peer_frame)
+        self._out += header_frames(stream_id, self._encode(headers), 0, self._peer_frame)
         self._dirty()
         return stream_id
 
@@ -206,7 +218,7 @@ class H2Endpoint(asyncio.Protocol):
         if stream is None or stream.local_closed or self.lost:
             return
         flags = END_STREAM if end_stream else 0
-        self._out += header_frames(stream_id, encode(headers), flags, self._peer_frame)
+        self._out += header_frames(stream_id, self._encode(headers), flags, self._peer_frame)
         if end_stream:
             self._close_local(stream_id, stream)
         self._dirty()
@@ -296,6 +308,12 @@ class H2Endpoint(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def _encode(self, headers: Headers) -> bytes:
+        block = encode(headers)
+        if self._table_update:
+            block, self._table_update = self._table_update + block, b""
+        return block
+
     def _dirty(self) -> None:
         """Frames wait: write them once this turn of the loop is over, with whatever else
         the turn adds (each write costs a system call)."""
@@ -321,8 +339,12 @@ class H2Endpoint(asyncio.Protocol):
             self._recv_window += self._recv_taken
             self._recv_taken = 0
         stream = self.streams.get(stream_id)
-        if stream is None or stream.remote_closed:
+        if stream is None:
             return self._closed_stream(stream_id)
+        if stream.remote_closed:
+            return self._stream_error(stream_id, STREAM_CLOSED)  # §5.1: half-closed (remote)
+        if not stream.headers_in:
+            return self._stream_error(stream_id, PROTOCOL_ERROR)  # §8.1: DATA before HEADERS
         stream.recv_window -= flow
         if stream.recv_window < 0:
             return self._stream_error(stream_id, FLOW_CONTROL_ERROR)
@@ -335,7 +357,7 @@ class H2Endpoint(asyncio.Protocol):
             self._on_end(stream_id)
             self._maybe_forget(stream_id)
 
-    def on_header_block(self, stream_id: int, flags: int, headers: Headers, fits: bool) -> None:
+    def on_header_block(self, stream_id: int, flags: int, headers: Headers, valid: bool) -> None:
         end = bool(flags & END_STREAM)
         stream = self.streams.get(stream_id)
         if stream is None:
@@ -344,8 +366,10 @@ class H2Endpoint(asyncio.Protocol):
                 return
         elif stream.remote_closed:
             return self._stream_error(stream_id, STREAM_CLOSED)
-        if not fits:
-            return self._stream_error(stream_id, PROTOCOL_ERROR)  # over 64 KiB of headers
+        if not valid:
+            # over 64 KiB of headers, a malformed field (RFC 9113 §8.2.1): reset here, as
+            # the peer behind the proxy could take it for an error of the whole connection
+            return self._stream_error(stream_id, PROTOCOL_ERROR)
         if self.client_side and not end and headers and headers[0][1][:1] == b"1":
             return  # an informational (1xx) response: the real one follows
         stream.headers_in += 1
@@ -360,6 +384,8 @@ class H2Endpoint(asyncio.Protocol):
             self._maybe_forget(stream_id)
 
     def on_rst_stream(self, stream_id: int, code: int) -> None:
+        if self._unopened(stream_id):
+            raise ProtocolViolation(PROTOCOL_ERROR, f"RST_STREAM on idle stream {stream_id}")
         stream = self.streams.pop(stream_id, None)
         self._waiting.discard(stream_id)
         if stream is not None:
@@ -373,6 +399,8 @@ class H2Endpoint(asyncio.Protocol):
                 delta, self._peer_window = value - self._peer_window, value
                 for stream in self.streams.values():
                     stream.send_window += delta
+                    if stream.send_window > MAX_WINDOW:
+                        raise ProtocolViolation(FLOW_CONTROL_ERROR, "a stream window overflowed")
                 self._window_opened(0)
             elif key == SETTINGS_MAX_FRAME:
                 if not 16384 <= value <= 16777215:
@@ -382,7 +410,12 @@ class H2Endpoint(asyncio.Protocol):
                 self.peer_max_streams = value
             elif key == ENABLE_PUSH and value > 1:
                 raise ProtocolViolation(PROTOCOL_ERROR, "ENABLE_PUSH out of range")
-            # HEADER_TABLE_SIZE: the encoder never indexes; MAX_HEADER_LIST_SIZE: advisory
+            elif key == HEADER_TABLE_SIZE:
+                # the encoder never indexes, but a decoder whose table shrank waits for the
+                # encoder to say it follows (RFC 7541 §4.2; nghttp2 insists): a size update
+                # to 0 opens our next header block
+                self._table_update = b"\x20"
+            # MAX_HEADER_LIST_SIZE: advisory
         self._out.append(frame(SETTINGS, ACK, 0))
 
     def on_ping(self, payload: bytes) -> None:
@@ -402,6 +435,8 @@ class H2Endpoint(asyncio.Protocol):
             return
         stream = self.streams.get(stream_id)
         if stream is None:
+            if self._unopened(stream_id):
+                raise ProtocolViolation(PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {stream_id}")
             return
         stream.send_window += increment
         if not increment:
@@ -415,6 +450,7 @@ class H2Endpoint(asyncio.Protocol):
         if self.client_side or stream_id % 2 == 0 or stream_id <= self.highest_inbound:
             if stream_id in self._recent_resets or stream_id < self.next_stream_id:
                 return None  # a stream that is over: dropped
+            # §5.1.1: a stream the peer may not open (any more)
             raise ProtocolViolation(PROTOCOL_ERROR, f"HEADERS on stream {stream_id}")
         self.highest_inbound = stream_id
         if len(self.streams) >= MAX_CONCURRENT_STREAMS:
@@ -424,13 +460,21 @@ class H2Endpoint(asyncio.Protocol):
         stream = self.streams[stream_id] = Stream(self._peer_window)
         return stream
 
+    def on_stream_error(self, stream_id: int, code: int) -> None:
+        if stream_id in self.streams:
+            self._stream_error(stream_id, code)
+        else:
+            self._out.append(frame(RST_STREAM, 0, stream_id, WORD.pack(code)))
+
+    def _unopened(self, stream_id: int) -> bool:
+        """A stream not opened yet (RFC 9113 §5.1): most frames on it are a connection error."""
+        if stream_id % 2 == (1 if self.client_side else 0):
+            return stream_id >= self.next_stream_id  # ours
+        return stream_id > self.highest_inbound
+
     def _closed_stream(self, stream_id: int) -> None:
         """DATA on a stream that is over: dropped, with STREAM_CLOSED unless we reset it."""
-        if self.client_side:
-            idle = stream_id >= self.next_stream_id
-        else:
-            idle = stream_id > self.highest_inbound
-        if idle:
+        if self._unopened(stream_id):
             raise ProtocolViolation(PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
         if stream_id not in self._recent_resets:
             self._recent_resets.append(stream_id)
@@ -489,11 +533,14 @@ class H2Endpoint(asyncio.Protocol):
                 stream.on_sent(sent)
         if chunks:
             self._waiting.add(stream_id)
+            self._flow(stream_id, sent, True)
             return
         self._waiting.discard(stream_id)
+        if sent:
+            self._flow(stream_id, sent, False)
         if stream.end:
             if stream.trailers is not None:
-                block = encode(stream.trailers)
+                block = self._encode(stream.trailers)
                 self._out += header_frames(stream_id, block, END_STREAM, largest)
             else:
                 self._out.append(data_frame_header(stream_id, 0, END_STREAM))

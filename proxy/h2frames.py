@@ -21,6 +21,7 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE = 0, 1, 2, 3, 4, 5
 PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 6, 7, 8, 9
 END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
+SELF_DEPENDENT = 0x100  # not a wire flag: the reader's note on a HEADERS frame
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
 STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x5, 0x6, 0x7, 0x8, 0x9
 ENHANCE_YOUR_CALM = 0xB
@@ -66,12 +67,13 @@ class FrameHandler(Protocol):
     """What each frame means to the connection that owns the reader."""
 
     def on_data(self, stream_id: int, flags: int, data: bytes, flow: int) -> None: ...
-    def on_header_block(self, stream_id: int, flags: int, headers: Headers, fits: bool) -> None: ...
+    def on_header_block(self, stream_id: int, flags: int, headers: Headers, ok: bool) -> None: ...
     def on_rst_stream(self, stream_id: int, code: int) -> None: ...
     def on_settings(self, settings: list[tuple[int, int]]) -> None: ...
     def on_ping(self, payload: bytes) -> None: ...
     def on_goaway(self, last_stream_id: int, code: int) -> None: ...
     def on_window_update(self, stream_id: int, increment: int) -> None: ...
+    def on_stream_error(self, stream_id: int, code: int) -> None: ...
 
 
 class FrameReader:
@@ -83,6 +85,7 @@ class FrameReader:
         self._preface = preface  # a server reads the client's preface first
         self._buffer = b""
         self._block: tuple[int, int, bytearray] | None = None  # HEADERS awaiting CONTINUATION
+        self._continuations = 0  # CONTINUATION frames of that block so far
         self._decoder = Decoder(max_list_size=MAX_HEADER_LIST_SIZE)
         self.stopped = False  # the connection is over: the rest is not read
 
@@ -131,24 +134,34 @@ class FrameReader:
                     raise ProtocolViolation(FRAME_SIZE_ERROR, "a malformed WINDOW_UPDATE")
                 handler.on_window_update(stream_id, WORD.unpack(payload)[0] & STREAM_MASK)
             elif kind == RST_STREAM:
-                if not stream_id or length != 4:
-                    raise ProtocolViolation(PROTOCOL_ERROR, "a malformed RST_STREAM")
+                if not stream_id:
+                    raise ProtocolViolation(PROTOCOL_ERROR, "RST_STREAM on stream 0")
+                if length != 4:
+                    raise ProtocolViolation(FRAME_SIZE_ERROR, "a malformed RST_STREAM")
                 handler.on_rst_stream(stream_id, WORD.unpack(payload)[0])
             elif kind == SETTINGS:
                 self._settings(flags, stream_id, payload)
             elif kind == PING:
-                if stream_id or length != 8:
-                    raise ProtocolViolation(PROTOCOL_ERROR, "a malformed PING")
+                if stream_id:
+                    raise ProtocolViolation(PROTOCOL_ERROR, "PING on a stream")
+                if length != 8:
+                    raise ProtocolViolation(FRAME_SIZE_ERROR, "a malformed PING")
                 if not flags & ACK:
                     handler.on_ping(payload)
             elif kind == GOAWAY:
-                if stream_id or length < 8:
-                    raise ProtocolViolation(PROTOCOL_ERROR, "a malformed GOAWAY")
+                if stream_id:
+                    raise ProtocolViolation(PROTOCOL_ERROR, "GOAWAY on a stream")
+                if length < 8:
+                    raise ProtocolViolation(FRAME_SIZE_ERROR, "a malformed GOAWAY")
                 last, code = TWO_WORDS.unpack_from(payload)
                 handler.on_goaway(last & STREAM_MASK, code)
             elif kind == PRIORITY:
-                if not stream_id or length != 5:
-                    raise ProtocolViolation(PROTOCOL_ERROR, "a malformed PRIORITY")
+                if not stream_id:
+                    raise ProtocolViolation(PROTOCOL_ERROR, "PRIORITY on stream 0")
+                if length != 5:
+                    raise ProtocolViolation(FRAME_SIZE_ERROR, "a malformed PRIORITY")
+                if WORD.unpack_from(payload)[0] & STREAM_MASK == stream_id:
+                    handler.on_stream_error(stream_id, PROTOCOL_ERROR)  # depends on itself
             elif kind == PUSH_PROMISE:
                 raise ProtocolViolation(PROTOCOL_ERROR, "server push is not enabled")
             # other frame types are extensions: ignored (§5.5)
@@ -159,31 +172,43 @@ class FrameReader:
             raise ProtocolViolation(PROTOCOL_ERROR, "HEADERS on stream 0")
         block = _unpad(flags, payload)
         if flags & PRIORITY_FLAG:
+            if len(block) < 5:
+                code = PROTOCOL_ERROR if flags & PADDED else FRAME_SIZE_ERROR
+                raise ProtocolViolation(code, "HEADERS too short for its priority")
+            if WORD.unpack_from(block)[0] & STREAM_MASK == stream_id:
+                flags |= SELF_DEPENDENT  # a stream error (§5.3.1) once the block is decoded
             block = block[5:]
         if flags & END_HEADERS:
             self._decode(flags, stream_id, block)
         else:
             self._block = (stream_id, flags, bytearray(block))
+            self._continuations = 0
 
     def _continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
         if self._block is None or self._block[0] != stream_id:
             raise ProtocolViolation(PROTOCOL_ERROR, "an unexpected CONTINUATION")
         _, first_flags, block = self._block
         block += payload
-        if len(block) > MAX_HEADER_BLOCK:
+        self._continuations += 1
+        # empty or tiny CONTINUATION frames grow no block but cost a frame each
+        # (CVE-2024-27316 and kin): a block takes at most as many frames as it takes 1 KiB
+        if len(block) > MAX_HEADER_BLOCK or self._continuations > MAX_HEADER_BLOCK // 1024:
             raise ProtocolViolation(ENHANCE_YOUR_CALM, "a header block too large")
         if flags & END_HEADERS:
             self._block = None
             self._decode(first_flags, stream_id, bytes(block))
 
     def _decode(self, flags: int, stream_id: int, block: bytes) -> None:
-        headers, fits = self._decoder.decode(block)  # always: the table must stay in step
-        self._handler.on_header_block(stream_id, flags, headers, fits)
+        headers, valid = self._decoder.decode(block)  # always: the table must stay in step
+        valid = valid and not flags & SELF_DEPENDENT
+        self._handler.on_header_block(stream_id, flags, headers, valid)
 
     def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id:
             raise ProtocolViolation(PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & ACK:
+            if payload:
+                raise ProtocolViolation(FRAME_SIZE_ERROR, "a SETTINGS ACK with a payload")
             return
         if len(payload) % 6:
             raise ProtocolViolation(FRAME_SIZE_ERROR, "a malformed SETTINGS")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from .h2conn import H2Endpoint
+from .h2fields import malformed, malformed_trailers
 from .h2frames import (
     CANCEL,
     ENHANCE_YOUR_CALM,
@@ -16,14 +17,17 @@ from .h2frames import (
     REFUSED_STREAM,
     Headers,
 )
+from .h2stalls import SendStalls
 
 
 class StreamHandler(Protocol):
     """One request stream, as the connection drives it."""
 
     def request_data(self, data: bytes) -> None: ...  # acknowledge it (conn.ack) once taken
+    def request_trailers(self, headers: Headers) -> None: ...  # request_end follows
     def request_end(self) -> None: ...
-    def client_reset(self) -> None: ...  # RST_STREAM from the client, or its connection lost
+    # RST_STREAM from the client, its connection lost, or a stream it left unread too long
+    def client_reset(self) -> None: ...
 
 
 class H2Request:
@@ -32,6 +36,7 @@ class H2Request:
     __slots__ = (
         "authorization",
         "client_ip",
+        "content_length",
         "content_type",
         "headers",
         "method",
@@ -48,6 +53,7 @@ class H2Request:
         self.content_type = b""
         self.authorization: bytes | None = None
         self.request_id: bytes | None = None
+        self.content_length: int | None = None  # well-formed: `malformed` checked it
         for name, value in headers:
             if name == b":method":
                 self.method = value
@@ -59,6 +65,8 @@ class H2Request:
                 self.authorization = value
             elif name == b"x-request-id":
                 self.request_id = value
+            elif name == b"content-length":
+                self.content_length = int(value)
 
     @property
     def grpc(self) -> bool:
@@ -78,6 +86,7 @@ class H2ServerConnection(H2Endpoint):
         connections: set[H2ServerConnection],
         *,
         idle_timeout: float,
+        send_timeout: float,
     ) -> None:
         super().__init__(client_side=False)
         self._router = router
@@ -85,12 +94,14 @@ class H2ServerConnection(H2Endpoint):
         self._idle_timeout = idle_timeout
         self._handlers: dict[int, StreamHandler] = {}
         self._going_away = False
-        # streams the client cancelled less those that ran to their end: a client that
-        # opens and cancels streams by the thousand ("rapid reset", CVE-2023-44487) makes
-        # the model server start and stop work for nothing
+        # streams the client cancelled (or the proxy reset for breaking the rules) less those
+        # that ran to their end: a client that opens and cancels streams by the thousand
+        # ("rapid reset", CVE-2023-44487) makes the model server start and stop work for
+        # nothing, and malformed ones cost a header block's decoding each
         self._cancel_debt = 0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0  # loop time the last stream ended
+        self._send_stalls = SendStalls(self, send_timeout)
         self.client_ip = ""
         self.loop = asyncio.get_running_loop()
 
@@ -109,21 +120,46 @@ class H2ServerConnection(H2Endpoint):
         super().connection_lost(exc)
         self._connections.discard(self)
         self._cancel_idle_timer()
-        handlers, self._handlers = self._handlers, {}
-        for handler in handlers.values():
-            handler.client_reset()
+        self._send_stalls.stop()
+        self._drop_handlers()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._send_stalls.socket_stalled()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self._send_stalls.socket_flowing()  # (closing, the rest must go all the same)
+        super().resume_writing()
+
+    def close(self) -> None:
+        super().close()
+        if self.transport is not None and self.transport.get_write_buffer_size():
+            self._send_stalls.socket_stalled()  # the last bytes must go within the timeout
+
+    def reset_stream(self, stream_id: int, code: int) -> None:
+        """A handler resets its own stream: it is done with it, as when its response ends."""
+        self.reset(stream_id, code)
+        if self._handlers.pop(stream_id, None) is not None:
+            self._stream_gone()
 
     # -- the protocol's events --------------------------------------------------------
 
     def _on_headers(self, stream_id: int, headers: Headers, end: bool, first: bool) -> None:
-        if not first:
-            return  # a client's trailers: nothing the proxy passes on; the end follows
+        if not first:  # the request's trailers
+            handler = self._handlers.get(stream_id)
+            if handler is None:
+                return
+            if malformed_trailers(headers):
+                self._stream_error(stream_id, PROTOCOL_ERROR)
+            else:
+                handler.request_trailers(headers)
+            return
         if self._going_away:
             self.reset(stream_id, REFUSED_STREAM)  # never processed: safe to retry elsewhere
             return
-        problem = malformed(headers)
-        if problem:
-            self.reset(stream_id, PROTOCOL_ERROR)  # RFC 9113 §8.1.1: a malformed request
+        if malformed(headers):
+            self._stream_error(stream_id, PROTOCOL_ERROR)  # RFC 9113 §8.1.1
             return
         handler = self._router(H2Request(stream_id, headers, self.client_ip), self)
         if stream_id in self.streams:  # not answered whole at once (a refusal is)
@@ -147,11 +183,7 @@ class H2ServerConnection(H2Endpoint):
         handler = self._handlers.pop(stream_id, None)
         if handler is not None:
             handler.client_reset()
-            self._cancel_debt += 1
-            if self._cancel_debt > MAX_CANCEL_DEBT:
-                self._fail(ENHANCE_YOUR_CALM, "too many streams cancelled")
-                return
-            self._stream_gone()
+        self._charge()
 
     def _on_goaway(self, last_stream_id: int, code: int) -> None:
         if code:  # the client gave up on the connection
@@ -162,13 +194,46 @@ class H2ServerConnection(H2Endpoint):
 
     def _ended(self, stream_id: int) -> None:
         """The response is sent whole: the stream is done for the proxy."""
+        if self._handlers.pop(stream_id, None) is None:
+            return
+        self._cancel_debt = max(self._cancel_debt - 1, 0)
         stream = self.streams.get(stream_id)
         if stream is not None and not stream.remote_closed:
             # the answer came before the request ended (a refusal, a server that stops
             # early): tell the client to stop sending, without error (RFC 9113 §8.1)
             self.reset(stream_id, NO_ERROR)
-        if self._handlers.pop(stream_id, None) is not None:
-            self._cancel_debt = max(self._cancel_debt - 1, 0)
+        self._stream_gone()
+
+    def _flow(self, stream_id: int, sent: int, waiting: bool) -> None:
+        self._send_stalls.flow(stream_id, sent, waiting)
+
+    def _fail(self, code: int, message: str) -> None:
+        """A connection error: its streams are over at once, the model server's calls too."""
+        super()._fail(code, message)
+        self._drop_handlers()
+
+    def _charge(self) -> None:
+        """A stream ended by a reset: past the limit, the client is abusing the connection."""
+        self._cancel_debt += 1
+        if self._cancel_debt > MAX_CANCEL_DEBT:
+            self._fail(ENHANCE_YOUR_CALM, "too many streams cancelled")
+        else:
+            self._stream_gone()
+
+    def _drop_handlers(self) -> None:
+        handlers, self._handlers = self._handlers, {}
+        for handler in handlers.values():
+            handler.client_reset()
+
+    # -- the send timeout ---------------------------------------------------------------
+
+    def stalled(self, stream_id: int) -> None:
+        """The client left the stream's window shut for the send timeout: it is reset, and
+        its call at the model server cancelled, as if the client had cancelled it."""
+        handler = self._handlers.pop(stream_id, None)
+        self.reset(stream_id, CANCEL)
+        if handler is not None:
+            handler.client_reset()
             self._stream_gone()
 
     # -- the drain --------------------------------------------------------------------
@@ -221,34 +286,6 @@ class H2ServerConnection(H2Endpoint):
             self.go_away()
 
 
-_CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
-_PSEUDO = frozenset({b":method", b":scheme", b":path", b":authority"})
-
-
-def malformed(headers: Headers) -> str | None:
-    """Why a request's headers break RFC 9113 §8.2-8.3 (the ones a proxy must catch before
-    passing them on), or None: pseudo-headers first, known, once each, :method, :scheme and
-    :path present; names lower-case; no connection-specific field; `te` only "trailers"."""
-    seen: set[bytes] = set()
-    regular = False
-    for name, value in headers:
-        if name[:1] == b":":
-            if regular or name not in _PSEUDO or name in seen:
-                return f"pseudo-header {name!r} out of place"
-            seen.add(name)
-        else:
-            regular = True
-            if name != name.lower() or name in _CONNECTION_SPECIFIC:
-                return f"header {name!r} not allowed in HTTP/2"
-            if name == b"te" and value != b"trailers":
-                return "te other than trailers"
-    if len(seen & {b":method", b":scheme", b":path"}) != 3:
-        return "a request needs :method, :scheme and :path"
-    return None
-
-
 class LocalResponse:
     """A response the proxy writes itself over HTTP/2 (its endpoints and its errors)."""
 
@@ -275,6 +312,9 @@ class LocalResponse:
 
     def request_data(self, data: bytes) -> None:
         pass  # nobody reads it; the connection acknowledges it once the stream is done
+
+    def request_trailers(self, headers: Headers) -> None:
+        pass
 
     def request_end(self) -> None:
         pass

@@ -4,6 +4,8 @@ few µs a block). Huffman decoding and the static table come from the `hpack` pa
 
 from __future__ import annotations
 
+import re
+
 from hpack.exceptions import HPACKDecodingError
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
@@ -17,6 +19,12 @@ _STATIC_NAMES = {name: index for index, (name, _) in reversed(list(enumerate(STA
 ENTRY_OVERHEAD = 32  # RFC 7541 §4.1
 MAX_INTEGER_BYTES = 5  # enough for any length or index the proxy accepts (2^28)
 HUFFMAN_CACHE = 1024  # decoded strings kept: clients send the same few values again and again
+HUFFMAN_CACHED = 128  # ...if they are short: a cache of long ones would hold megabytes
+# RFC 9113 §8.2.1: a name has no control, space, upper-case, non-ASCII or colon (but a
+# pseudo-header's first) byte; a value no NUL, CR or LF
+_BAD_NAME = re.compile(rb"[^!-9;-@\[-~]")
+_BAD_VALUE = re.compile(rb"[\0\r\n]")
+_BLANK = (0x20, 0x09)
 
 
 class DecodingError(Exception):
@@ -30,8 +38,15 @@ class NeverIndexed(tuple[bytes, bytes]):
     __slots__ = ()
 
 
+class Malformed(tuple[bytes, bytes]):
+    """A field that breaks RFC 9113's field syntax, kept in the dynamic table as it came (the
+    table must stay in step) and marked, so a block that refers to it is malformed too."""
+
+    __slots__ = ()
+
+
 class Decoder:
-    """Decodes header blocks; `decode` raises DecodingError on a malformed block."""
+    """Decodes header blocks; `decode` raises DecodingError on a block it cannot decode."""
 
     def __init__(self, *, max_table_size: int = 4096, max_list_size: int = 65536) -> None:
         self._limit = max_table_size  # what our SETTINGS_HEADER_TABLE_SIZE allows
@@ -42,21 +57,28 @@ class Decoder:
         self._huffman: dict[bytes, bytes] = {}
 
     def decode(self, block: bytes) -> tuple[list[Header], bool]:
-        """The fields, and whether their size stayed within the list limit (the whole block
-        is read either way, so the table stays in step with the peer's)."""
+        """The fields, and whether the block is acceptable: its size within the list limit,
+        each field well-formed (a request that is not is reset, RFC 9113 §8.1.1). The whole
+        block is read either way, so the table stays in step with the peer's."""
         headers: list[Header] = []
         size = 0
+        well_formed = True
         pos, end = 0, len(block)
         while pos < end:
             byte = block[pos]
             if byte & 0x80:  # indexed field
                 index, pos = _integer(block, pos, 7)
                 field = self._field(index)
+                if type(field) is Malformed:
+                    well_formed = False
             elif byte & 0x40:  # literal, added to the table
                 index, pos = _integer(block, pos, 6)
                 name, pos = self._name(block, pos, index)
                 value, pos = self._string(block, pos)
                 field = (name, value)
+                if not _well_formed(name, value):
+                    field = Malformed(field)
+                    well_formed = False
                 self._add(field)
             elif byte & 0x20:  # table size update
                 new_max, pos = _integer(block, pos, 5)
@@ -70,9 +92,11 @@ class Decoder:
                 name, pos = self._name(block, pos, index)
                 value, pos = self._string(block, pos)
                 field = NeverIndexed((name, value)) if byte & 0x10 else (name, value)
+                if not _well_formed(name, value):
+                    well_formed = False
             headers.append(field)
             size += len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
-        return headers, size <= self._max_list_size
+        return headers, well_formed and size <= self._max_list_size
 
     def _field(self, index: int) -> Header:
         if 0 < index <= STATIC_LENGTH:
@@ -104,9 +128,10 @@ class Decoder:
                 text = decode_huffman(raw)
             except HPACKDecodingError as exc:
                 raise DecodingError(str(exc)) from exc
-            if len(self._huffman) >= HUFFMAN_CACHE:
-                self._huffman.clear()
-            self._huffman[raw] = text
+            if length <= HUFFMAN_CACHED:
+                if len(self._huffman) >= HUFFMAN_CACHE:
+                    self._huffman.clear()
+                self._huffman[raw] = text
         return text, end
 
     def _add(self, field: Header) -> None:
@@ -124,6 +149,16 @@ class Decoder:
         while self._size > self._max and table:
             name, value = table.pop(0)
             self._size -= len(name) + len(value) + ENTRY_OVERHEAD
+
+
+def _well_formed(name: bytes, value: bytes) -> bool:
+    start = 1 if name[:1] == b":" else 0
+    return (
+        len(name) > start
+        and _BAD_NAME.search(name, start) is None
+        and _BAD_VALUE.search(value) is None
+        and (not value or (value[0] not in _BLANK and value[-1] not in _BLANK))
+    )
 
 
 def _integer(block: bytes, pos: int, prefix: int) -> tuple[int, int]:

@@ -295,6 +295,7 @@ class UpstreamStream:
         self.stream_id = stream_id
         self.headers = headers
         self.data = bytearray()
+        self.request_trailers: Headers | None = None
         self.ended = asyncio.Event()  # the request's END_STREAM
         self.reset = asyncio.Event()  # RST_STREAM from the proxy
         self.reset_code: int | None = None
@@ -340,6 +341,8 @@ class _UpstreamConnection(_Peer):
         if isinstance(event, h2.events.DataReceived):
             stream.data += event.data
             stream.got_data.set()
+        elif isinstance(event, h2.events.TrailersReceived):
+            stream.request_trailers = list(event.headers)
         elif isinstance(event, h2.events.StreamEnded):
             stream.ended.set()
         elif isinstance(event, h2.events.StreamReset):

@@ -105,7 +105,7 @@ async def proxied(tmp_path: Path, **config: object) -> AsyncIterator[tuple[H2Ups
         pytest.param([frame(HEADERS, END_HEADERS, 2, b"\x82")], PROTOCOL_ERROR, id="even-stream"),
         pytest.param([frame(HEADERS, END_HEADERS, 1, b"\xbe")], COMPRESSION_ERROR, id="bad-hpack"),
         pytest.param([frame(DATA, 0, 0, b"x")], PROTOCOL_ERROR, id="data-on-stream-0"),
-        pytest.param([frame(PING, 0, 0, b"short")], PROTOCOL_ERROR, id="short-ping"),
+        pytest.param([frame(PING, 0, 0, b"short")], FRAME_SIZE_ERROR, id="short-ping"),
         pytest.param(
             [frame(WINDOW_UPDATE, 0, 0, (2**31 - 1).to_bytes(4, "big"))],
             FLOW_CONTROL_ERROR,
