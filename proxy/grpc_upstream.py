@@ -169,6 +169,9 @@ class GrpcUpstream:
             raise UpstreamUnavailable(
                 "the model server's gRPC port does not speak HTTP/2"
             ) from None
+        except asyncio.CancelledError:  # closed while opening: no one will use this connection
+            connection.abort()
+            raise
         if not connection.has_room:  # it takes no streams at all: opening more will not help
             connection.abort()
             raise UpstreamUnavailable("the model server takes no new streams")
@@ -185,6 +188,8 @@ class GrpcUpstream:
             self.connections.remove(connection)
 
     def close(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
         connections, self.connections = self.connections, []
         for connection in connections:
             connection.abort()

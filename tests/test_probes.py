@@ -294,10 +294,12 @@ async def test_probe_grpc_fails_on_an_http1_server() -> None:
 
 async def test_probe_grpc_fails_when_no_answer_comes_in_time() -> None:
     connected = asyncio.Event()
+    hung_up = asyncio.Event()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connected.set()
         await reader.read()  # reads everything, answers nothing
+        hung_up.set()
         writer.close()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
@@ -305,3 +307,7 @@ async def test_probe_grpc_fails_when_no_answer_comes_in_time() -> None:
     async with server:
         assert await probe_grpc("127.0.0.1", port, "", timeout=0.2) is False
         assert connected.is_set()
+        # the probe hangs up when it gives up, not when its connection's SETTINGS wait (10 s)
+        # runs out: a probe every period must not leave a connection behind each time
+        async with asyncio.timeout(5):
+            await hung_up.wait()
