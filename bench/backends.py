@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import nginx
-from .procs import Service, free_port, wait_for_port
+from .procs import SERVER_CPU, Service, free_port, wait_for_port
 
 TRANSFER_BYTES = 10 * 1024 * 1024
 DOWNLOAD_PATH = "/files/10MiB.bin"
@@ -45,7 +45,11 @@ def pick_ports() -> dict[str, int]:
     return {"static": free_port(), "python": free_port(), "grpc": free_port()}
 
 
-def start(workdir: Path, ports: dict[str, int] | None = None) -> Backends:
+def start(
+    workdir: Path, ports: dict[str, int] | None = None, *, python_cpu: int = SERVER_CPU
+) -> Backends:
+    """`python_cpu`: where the Python (SSE, inference) backend runs; beside the proxy, as a
+    sidecar runs in its pod, unless asked otherwise."""
     ports = ports or pick_ports()
     root = workdir.parent / "static"  # the 10 MiB file is made once, for every run
     (root / "files").mkdir(parents=True, exist_ok=True)
@@ -62,6 +66,7 @@ def start(workdir: Path, ports: dict[str, int] | None = None) -> Backends:
         python_backend_argv(python_port),
         log=workdir / "python-backend.log",
         cwd=REPO,
+        cpu=python_cpu,
     )
     wait_for_port(python_port, python)
 

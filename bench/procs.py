@@ -40,11 +40,17 @@ class Service:
 
     @classmethod
     def start(
-        cls, name: str, argv: Sequence[str], *, log: Path, cwd: Path | None = None
+        cls,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log: Path,
+        cwd: Path | None = None,
+        cpu: int = SERVER_CPU,
     ) -> Service:
         with log.open("wb") as out:
             process = subprocess.Popen(
-                pinned(SERVER_CPU, argv),
+                pinned(cpu, argv),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -7,6 +7,7 @@ import json
 import statistics
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from .chart import chart
 from .checks import Check, checks, grpc_checks
@@ -69,6 +70,12 @@ def _row(scenario: Scenario, target: str, cell: Cell, ref: Cell | None, direct: 
     )
 
 
+def _layout(meta: dict[str, Any]) -> str:
+    if meta.get("backend_cpu", 1) == 0:  # --backend-cpu 0
+        return "Load generator and Python backend on CPU 0, target (and static backend) on CPU 1."
+    return "Load generator on CPU 0, target and backend on CPU 1."
+
+
 def markdown(
     results: Results,
     cells: dict[str, dict[str, Cell]],
@@ -81,9 +88,8 @@ def markdown(
         f"# model-proxy side by side with nginx — {meta['date']}",
         "",
         f"{meta['reps']} repetition(s) of {meta['duration_s']:g} s per run, interleaved; "
-        f"medians. {meta['machine']}, Python {meta['python']}. Load generator on CPU 0, "
-        f"target and backend on CPU 1. Whole run: {meta['runtime_s']:.0f} s"
-        + (" (`--quick`)." if meta["quick"] else "."),
+        f"medians. {meta['machine']}, Python {meta['python']}. {_layout(meta)} "
+        f"Whole run: {meta['runtime_s']:.0f} s" + (" (`--quick`)." if meta["quick"] else "."),
     ]
     noise = {
         cpu: [r.foreign_cpu.get(cpu, 0.0) for r in results.runs if r.foreign_cpu] for cpu in (0, 1)

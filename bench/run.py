@@ -20,7 +20,7 @@ from . import backends as backend_servers
 from . import install, report
 from .figures import Results
 from .measure import Run, memory_at_rest, readiness_latency, run_once
-from .procs import LOADGEN_CPU
+from .procs import LOADGEN_CPU, SERVER_CPU
 from .scenarios import BY_NAME, SCENARIOS, Scenario
 from .targets import TARGET_NAMES, Target, launch_model_proxies, start_all
 
@@ -50,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output",
         help="results name under bench/results/ (default: latest; quick: quick)",
+    )
+    parser.add_argument(
+        "--backend-cpu",
+        type=int,
+        choices=(LOADGEN_CPU, SERVER_CPU),
+        default=SERVER_CPU,
+        help=f"the CPU of the Python backend (default {SERVER_CPU}: beside the target, as in a "
+        f"pod; {LOADGEN_CPU}: beside the load generator, to see what sharing a CPU with the "
+        "backend costs the target)",
     )
     parser.add_argument(
         "--no-install", action="store_true", help="do not install missing tools, fail instead"
@@ -171,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with ExitStack() as cleanup:
         ports = backend_servers.pick_ports()
         early = launch_model_proxies(workdir, ports, target_names, cleanup)
-        servers = backend_servers.start(workdir, ports)
+        servers = backend_servers.start(workdir, ports, python_cpu=args.backend_cpu)
         cleanup.callback(servers.stop)
         targets = start_all(workdir, servers, target_names, cleanup, model_proxies=early)
         _log(f"started the backends and {', '.join(target_names)} (logs in {workdir})")
@@ -197,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reps": reps,
         "duration_s": duration,
         "runtime_s": round(time.monotonic() - started, 1),
+        "backend_cpu": args.backend_cpu,
         "machine": f"{platform.node()}, {os.cpu_count()} CPUs, Linux {platform.release()}",
         "python": platform.python_version(),
         "targets": target_names,
