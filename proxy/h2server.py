@@ -162,10 +162,10 @@ class H2ServerConnection(H2Endpoint):
             self._stream_error(stream_id, PROTOCOL_ERROR)  # RFC 9113 §8.1.1
             return
         handler = self._router(H2Request(stream_id, headers, self.client_ip), self)
-        if stream_id in self.streams:  # not answered whole at once (a refusal is)
-            self._handlers[stream_id] = handler
-        else:
-            self._stream_gone()
+        self._handlers[stream_id] = handler
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.local_closed:  # answered whole at once: a refusal
+            self._ended(stream_id)
 
     def _on_data(self, stream_id: int, data: bytes) -> None:
         handler = self._handlers.get(stream_id)

@@ -53,6 +53,31 @@ async def test_a_refusal_is_a_trailers_only_response(tmp_path: Path) -> None:
     assert reply.header(b"grpc-message") == b"the model server is not ready"
 
 
+async def test_a_call_refused_while_still_sending_is_told_to_stop_and_forgotten(
+    tmp_path: Path,
+) -> None:
+    """A refusal that comes before the client's message ended is followed by RST_STREAM
+    (NO_ERROR, RFC 9113 §8.1), and the connection keeps nothing of the call: it goes idle,
+    and away, as usual."""
+    idle_soon = {"keepalive_timeout_seconds": 0.2}
+    async with (
+        grpc_model() as (_, port),
+        grpc_proxy(tmp_path, port, proxy=idle_soon) as (proxy, url),
+    ):
+        proxy.state.enter("unready", proxy.state.pid)
+        client = await H2Client.connect(port_of(url))
+        request = grpc_request(port_of(url), b"/a.B/C")
+        stream_ids = [client.request(request, grpc_frame(b"x"), end=False) for _ in range(5)]
+        replies = [await client.reply(stream_id) for stream_id in stream_ids]
+        [connection] = proxy.h2_connections
+        assert connection.active_streams == 0
+        async with asyncio.timeout(SAFETY):
+            await client.got_goaway.wait()  # idle, then GOAWAY: no refused call held it open
+        await client.close()
+    assert [reply.header(b"grpc-status") for reply in replies] == [b"14"] * 5
+    assert [reply.reset_code for reply in replies] == [0] * 5
+
+
 async def test_not_ready_and_draining_are_unavailable(tmp_path: Path) -> None:
     async with through_proxy(tmp_path) as (_, proxy, chan):
         unary = chan.unary_unary(method("Unary"))
