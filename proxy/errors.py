@@ -4,7 +4,7 @@ Exception
 ├── ConfigError          a bad config.yaml; carries every problem found
 └── ProxyError           a request the proxy answers itself
     ├── BadRequest            400 bad_request
-    │   └── RequestTimeout    408 bad_request    (the head or body stopped arriving)
+    │   └── RequestTimeout    408 request_timeout (the head or body stopped arriving)
     ├── Unauthorized          401 unauthorized
     ├── NotFound              404 not_found
     ├── MethodNotAllowed      405 method_not_allowed
@@ -61,7 +61,7 @@ class BadRequest(ProxyError):
 class RequestTimeout(BadRequest):
     """A client too slow to send its request (slowloris): a bad request, answered 408."""
 
-    status, default_message = 408, "timed out reading the request"
+    status, kind, default_message = 408, "request_timeout", "timed out reading the request"
 
 
 class Unauthorized(ProxyError):

@@ -408,7 +408,7 @@ async def test_slowloris_heads_time_out_and_do_not_delay_other_clients(tmp_path:
         for sent, answer in await asyncio.gather(*slow):
             assert sent < len(head)  # cut before the head was whole
             assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
-            assert b'"type": "bad_request"' in answer
+            assert b'"type": "request_timeout"' in answer
         assert upstream.targets == ["/fast"]
         await connections.closed()
 
@@ -445,6 +445,7 @@ async def test_a_stalled_pipelined_head_is_answered_408_after_the_response_befor
         assert first.startswith(b"HTTP/1.1 200 OK\r\n")
         assert first.endswith(b"data: last\n\n")
         assert rest.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+        assert b'"type": "request_timeout"' in rest
         assert proxy.metrics.requests == {("sync", "GET", 200): 1}
 
 
@@ -508,7 +509,7 @@ async def test_a_stalled_body_is_408_and_its_upstream_request_cancelled(
                 await upstream.entered.wait()  # the head and the first bytes went ahead
             response = await read_response(reader)  # then the body stalls
             assert response.status == 408
-            assert error_type(response) == "bad_request"
+            assert error_type(response) == "request_timeout"
             assert response.header("connection") == "close"
             assert await closed_by_proxy(reader) == b""
         if buffered:
