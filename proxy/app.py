@@ -291,6 +291,7 @@ class Proxy:
             upstream=upstream,
             admission=self.limiter,
             request_timeout=self.config.proxy.request_timeout_seconds,
+            body_timeout=self.config.proxy.client_body_timeout_seconds,
             on_finish=self._grpc_finished,
             on_messages=self._count_grpc_messages,
         )

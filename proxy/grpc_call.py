@@ -9,7 +9,7 @@ from time import monotonic
 from typing import Protocol
 
 from . import grpc_status
-from .errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
+from .errors import ProxyError, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
 from .grpc_upstream import GrpcUpstream, UpstreamConnection
 from .h2frames import INTERNAL_ERROR, PROTOCOL_ERROR, Headers
 from .h2server import H2Request, H2ServerConnection
@@ -86,6 +86,9 @@ class GrpcCall:
     __slots__ = (
         "_admission",
         "_admitted",
+        "_body_read_at",
+        "_body_timeout",
+        "_body_timer",
         "_counted",
         "_early",
         "_length_left",
@@ -122,6 +125,7 @@ class GrpcCall:
         upstream: GrpcUpstream | None,
         admission: Admission,
         request_timeout: float | None,
+        body_timeout: float,
         on_finish: Callable[[GrpcCall], None],
         on_messages: Callable[[str, int], None],
     ) -> None:
@@ -156,9 +160,13 @@ class GrpcCall:
         self._response_counter = MessageCounter()
         self._task: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._body_timeout = body_timeout
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_read_at = 0.0
         client.set_on_sent(self.stream_id, self._response_sent)
 
     def start(self) -> None:
+        self._await_first_message()  # (a request ended with its headers stops it at once)
         if self._admission.try_acquire():
             self._admitted_now()
         else:
@@ -197,6 +205,11 @@ class GrpcCall:
         count = self._request_counter.feed(data)
         if count:
             self._on_messages(CLIENT_TO_UPSTREAM, count)
+        if self._body_timer is not None:
+            if count:
+                self._stop_body_timer()
+            else:
+                self._body_read_at = self.client.loop.time()
         if self.upstream is not None:
             self.upstream.send_data(self.upstream_stream, data)
         else:
@@ -211,6 +224,7 @@ class GrpcCall:
         if self._length_left:
             return self._malformed()
         self._request_ended = True
+        self._stop_body_timer()
         if self.upstream is not None:
             self.upstream.end_stream(self.upstream_stream, self._request_trailers)
 
@@ -236,6 +250,7 @@ class GrpcCall:
         if self.done:
             return
         self._cancel_timer()
+        self._stop_body_timer()  # the model server answers: the call is under way
         self.first_byte_at = monotonic()
         self.client.send_headers(self.stream_id, headers, end_stream=end)
         if end:  # trailers-only
@@ -331,6 +346,29 @@ class GrpcCall:
             self._timer.cancel()
             self._timer = None
 
+    def _await_first_message(self) -> None:
+        """Until the client's first message is whole (or the model server answers), a pause
+        between its frames longer than the body timeout ends the call: a client that sends
+        slowly on purpose holds its slot no longer than an HTTP/1.1 body could. After it,
+        quiet clients are the protocol (a bidirectional call waits on the model server)."""
+        loop = self.client.loop
+        self._body_read_at = loop.time()
+        self._body_timer = loop.call_later(self._body_timeout, self._body_timed_out)
+
+    def _body_timed_out(self) -> None:
+        loop = self.client.loop
+        waited = loop.time() - self._body_read_at
+        if waited < self._body_timeout:  # a frame came since: the deadline moved with it
+            self._body_timer = loop.call_later(self._body_timeout - waited, self._body_timed_out)
+            return
+        self._body_timer = None
+        self.fail(RequestTimeout("timed out reading the request: its first message stopped"))
+
+    def _stop_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
     def _cut(self, code: int, message: str) -> None:
         """The response started: end it with `code` if it stands between two messages (the
         client reads a clean status), else reset it."""
@@ -350,6 +388,7 @@ class GrpcCall:
         self.done = True
         self.status = status
         self._cancel_timer()
+        self._stop_body_timer()
         if self._task is not None:
             self._task.cancel()
             self._task = None

@@ -42,6 +42,7 @@ FOR_ERROR = {
     "unauthorized": UNAUTHENTICATED,
     "upstream_unavailable": UNAVAILABLE,
     "upstream_timeout": DEADLINE_EXCEEDED,
+    "request_timeout": DEADLINE_EXCEEDED,  # the client too slow to send its first message
 }
 
 # RST_STREAM error codes as gRPC clients read them (gRPC's PROTOCOL-HTTP2.md)

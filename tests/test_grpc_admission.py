@@ -262,6 +262,87 @@ async def test_a_model_server_that_dies_mid_stream_ends_the_call_unavailable(
     assert p.metrics.grpc_requests["UNAVAILABLE"] == 1
 
 
+# -- slow senders ---------------------------------------------------------------------------
+
+SLOW_BODY = {"client_body_timeout_seconds": 0.2}
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        pytest.param(b"", id="nothing"),
+        pytest.param(b"\0\0\0", id="part-of-a-prefix"),
+        pytest.param(grpc_frame(b"a whole message")[:-3], id="most-of-a-message"),
+    ],
+)
+async def test_a_client_whose_first_message_stops_arriving_loses_its_slot(
+    tmp_path: Path, sent: bytes
+) -> None:
+    """As an HTTP/1.1 body: a pause longer than client_body_timeout_seconds before the first
+    message is whole ends the call (4 DEADLINE_EXCEEDED), cancels it at the model server and
+    frees the slot for the next call."""
+    async with (
+        H2Upstream().serving() as upstream,
+        grpc_proxy(tmp_path, upstream.port, concurrency=1, proxy=SLOW_BODY) as (proxy, url),
+    ):
+        client = await H2Client.connect(port_of(url))
+        request = grpc_request(port_of(url), b"/a.B/Slow")
+        slow = client.request(request, sent, end=False)
+        held = await upstream.next_stream()
+        assert proxy.limiter.in_flight == 1
+        reply = await client.reply(slow)
+        async with asyncio.timeout(SAFETY):
+            await held.reset.wait()  # cancelled at the model server
+        assert held.reset_code == 0x8
+        assert proxy.limiter.in_flight == 0
+        # the slot serves the next call
+        after = client.request(grpc_request(port_of(url), b"/a.B/Next"), grpc_frame(b"x"))
+        answered = await upstream.next_stream()
+        answered.respond([(b":status", b"200"), (b"content-type", b"application/grpc")])
+        answered.trailers([(b"grpc-status", b"0")])
+        assert (await client.reply(after)).trailers == [(b"grpc-status", b"0")]
+        await client.close()
+    assert reply.header(b"grpc-status") == b"4"
+    assert (
+        reply.header(b"grpc-message") == b"timed out reading the request: its first message stopped"
+    )
+    assert bytes(held.data) == sent
+    assert proxy.metrics.grpc_requests["DEADLINE_EXCEEDED"] == 1
+
+
+@pytest.mark.parametrize("engaged_by", ["a-whole-first-message", "the-model-servers-answer"])
+async def test_a_quiet_client_keeps_a_call_under_way(tmp_path: Path, engaged_by: str) -> None:
+    """Once its first message is whole, or the model server answered, a client may go quiet
+    (a bidirectional call waits on the model server): only the call opened after it, which
+    sends nothing, times out."""
+    async with (
+        H2Upstream().serving() as upstream,
+        grpc_proxy(tmp_path, upstream.port, proxy=SLOW_BODY) as (_, url),
+    ):
+        client = await H2Client.connect(port_of(url))
+        first = b"" if engaged_by == "the-model-servers-answer" else grpc_frame(b"hello")
+        quiet = client.request(grpc_request(port_of(url), b"/a.B/Chat"), first, end=False)
+        chat = await upstream.next_stream()
+        if first:
+            await chat.wait_for_data(len(first))
+        else:
+            chat.respond([(b":status", b"200"), (b"content-type", b"application/grpc")])
+            await client.replies[quiet].got_headers.wait()
+        # a second call that sends nothing: its timeout, longer after the first's start, is
+        # the clock this test reads
+        timed_out = client.request(grpc_request(port_of(url), b"/a.B/Late"), end=False)
+        late = await client.reply(timed_out)
+        assert late.header(b"grpc-status") == b"4"
+        assert not client.replies[quiet].ended.is_set()
+        assert not chat.reset.is_set()
+        # and the quiet call ends as the model server ends it
+        if first:
+            chat.respond([(b":status", b"200"), (b"content-type", b"application/grpc")])
+        chat.trailers([(b"grpc-status", b"0")])
+        assert (await client.reply(quiet)).trailers == [(b"grpc-status", b"0")]
+        await client.close()
+
+
 # -- counted and logged ---------------------------------------------------------------------
 
 
