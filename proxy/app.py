@@ -92,7 +92,9 @@ class Proxy:
             if settings.api_key_secret
             else None
         )
-        self.access_log = AccessLog(settings.log_format) if settings.access_log else None
+        self.access_log = (
+            AccessLog(settings.log_format, config.model_name) if settings.access_log else None
+        )
         self._metrics_key = self._api_key is not None and settings.metrics_require_api_key
         self.limiter = Limiter(
             max_concurrency=config.predict_concurrency,

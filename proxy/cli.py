@@ -126,7 +126,7 @@ def _presets(name: str | None, file: Path | None) -> int:
 def _run(config: Config) -> int:
     settings = config.proxy
     with (
-        logs.configured(settings.log_format, logs.LEVELS[settings.log_level]),
+        logs.configured(settings.log_format, logs.LEVELS[settings.log_level], config.model_name),
         asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
     ):
         for note in config.notes:

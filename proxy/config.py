@@ -396,7 +396,7 @@ def _proxy_settings(
         max_request_body_bytes=section.integer(
             "max_request_body_bytes", default.max_request_body_bytes, low=1
         ),
-        probe_interval_seconds=section.seconds(
+        probe_interval_seconds=section.positive(
             "probe_interval_seconds", default.probe_interval_seconds
         ),
         drain_quiet_seconds=section.seconds("drain_quiet_seconds", default.drain_quiet_seconds),

@@ -318,8 +318,9 @@ class ProxyExchange:
 
     def _server_timing(self) -> bytes:
         """How long the request waited for a slot, and for the model server's answer, in ms."""
-        admitted, sent, answered = self.admitted_at, self.sent_at, self.first_byte_at
-        queue = 0.0 if admitted is None else admitted - self.arrived_at
+        asked, admitted = self.queued_at, self.admitted_at
+        sent, answered = self.sent_at, self.first_byte_at
+        queue = 0.0 if asked is None or admitted is None else admitted - asked
         upstream = 0.0 if sent is None or answered is None else answered - sent
         return b"Server-Timing: queue;dur=%.3f, upstream;dur=%.3f" % (
             queue * 1000,

@@ -24,6 +24,12 @@ LEVELS = {
 
 
 class JsonFormatter(logging.Formatter):
+    """`model`: config.yaml's model_name, a field of every line (a label to select by)."""
+
+    def __init__(self, model: str | None = None) -> None:
+        super().__init__()
+        self._model = model
+
     def format(self, record: logging.LogRecord) -> str:
         if getattr(record, "preformatted", False):
             return record.getMessage()
@@ -34,6 +40,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._model is not None:
+            entry["model"] = self._model
         entry.update((k, v) for k, v in vars(record).items() if k not in _BUILTIN)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -68,8 +76,8 @@ class AccessLog:
     `interval` seconds: a log record, a thread wake-up and a write per request cost more
     than proxying the request."""
 
-    def __init__(self, log_format: str, interval: float = 0.1) -> None:
-        self._formatter = JsonFormatter() if log_format == "json" else TextFormatter()
+    def __init__(self, log_format: str, model: str | None = None, interval: float = 0.1) -> None:
+        self._formatter = JsonFormatter(model) if log_format == "json" else TextFormatter()
         self._interval = interval
         self._entries: list[tuple[float, str, tuple[object, ...], dict[str, object]]] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -111,13 +119,15 @@ _access = logging.getLogger("model_proxy.access")
 
 
 @contextmanager
-def configured(log_format: str, level: int = logging.INFO) -> Iterator[None]:
+def configured(
+    log_format: str, level: int = logging.INFO, model: str | None = None
+) -> Iterator[None]:
     """Route every log record through a queue to a writer thread for the duration. `level`
     is the proxy's own messages'; access lines have their own switch (access_log) and the
     model server's lines are its own business, as nginx's error_log level leaves them be."""
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(model) if log_format == "json" else TextFormatter())
     listener = logging.handlers.QueueListener(records, handler)
     root = logging.getLogger()
     queue_handler = logging.handlers.QueueHandler(records)

@@ -573,6 +573,10 @@ proxy:
             "proxy.client_body_timeout_seconds: must be a number of seconds > 0 (got 0)",
         ),
         (
+            {"proxy.probe_interval_seconds": 0},  # the probes would never pause
+            "proxy.probe_interval_seconds: must be a number of seconds > 0 (got 0)",
+        ),
+        (
             {"proxy.buffer_request_body_bytes": -1},
             "proxy.buffer_request_body_bytes: must be an integer >= 0 (got -1)",
         ),

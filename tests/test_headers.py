@@ -17,7 +17,15 @@ from proxy.framing import FRAMING_NAMES, RequestHead, decide
 from proxy.headers import scan_response_headers, upstream_request_head
 
 from .conftest import fake_upstream, in_process_proxy
-from .test_forward import Recorder, raw_upstream, read_request_head, request, send
+from .test_forward import (
+    Recorder,
+    connect,
+    raw_upstream,
+    read_request_head,
+    read_response,
+    request,
+    send,
+)
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -541,3 +549,49 @@ async def test_repeated_response_headers_keep_every_value(tmp_path: Path) -> Non
         response = await send(url, request("GET", "/sync/cookies"))
         assert response.all("set-cookie") == ["session=abc; HttpOnly", "theme=dark"]
         assert response.all("link") == ["</a>; rel=preload", "</b>; rel=preload"]
+
+
+SERVER_TIMING_QUEUE = re.compile(r"queue;dur=(\d+\.\d{3}), upstream;dur=\d+\.\d{3}")
+
+
+async def test_server_timing_queue_is_the_wait_for_a_slot(tmp_path: Path) -> None:
+    """`queue;dur` is the time a request waited for its slot: not the time its body took to
+    arrive (a buffered body holds no slot), but the wait behind a request holding the one
+    slot."""
+    entered = asyncio.Event()
+
+    async def slow(http: web.Request) -> web.Response:
+        entered.set()
+        await asyncio.sleep(0.3)  # the model server's work
+        return web.Response(text="slow")
+
+    async def echo(http: web.Request) -> web.Response:
+        return web.Response(body=await http.read())
+
+    app = web.Application()
+    app.router.add_post("/slow", slow)
+    app.router.add_post("/echo", echo)
+    async with (
+        fake_upstream(app) as port,
+        in_process_proxy(tmp_path, port, predict_concurrency=1) as (_, url),
+        connect(url) as (reader, writer),
+    ):
+        # half a body now, the rest once a slow request came and went: ~0.3 s to arrive
+        writer.write(request("POST", "/sync/echo", [("Content-Length", "4")]) + b"ab")
+        await send(url, request("POST", "/sync/slow", body=b"x"))
+        writer.write(b"cd")
+        buffered = await read_response(reader)
+        # a request sent while the slow one holds the slot waits for it
+        entered.clear()
+        holder = asyncio.ensure_future(send(url, request("POST", "/sync/slow", body=b"x")))
+        await entered.wait()
+        queued = await send(url, request("POST", "/sync/echo", body=b"q"))
+        await holder
+    assert (buffered.status, buffered.body, queued.body) == (200, b"abcd", b"q")
+    waits = [
+        SERVER_TIMING_QUEUE.fullmatch(r.header("server-timing") or "") for r in (buffered, queued)
+    ]
+    assert all(waits)
+    buffered_ms, queued_ms = (float(wait[1]) for wait in waits if wait)
+    assert buffered_ms < 100  # its body took ~300 ms to come, but no slot was waited for
+    assert queued_ms > 100  # it waited (up to ~300 ms) for the slow request's slot

@@ -1,8 +1,11 @@
 """The proxy's log as users read it, behind the real CLI: proxy.log_level (and Truss's
-runtime.enable_debug_logs), and text timestamps that carry their time zone."""
+runtime.enable_debug_logs), text timestamps that carry their time zone, and model_name as a
+field of every JSON line."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import subprocess
@@ -10,7 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .conftest import ROOT, run_proxy, write_config
+import pytest
+from aiohttp import web
+
+from .conftest import ROOT, fake_upstream, in_process_proxy, run_proxy, write_config
+from .test_forward import request, send
 
 CANNOT_RUN = "no-such-model-server"  # the shell says so on stderr, and the proxy gives up
 
@@ -68,3 +75,37 @@ async def test_truss_enable_debug_logs_shows_what_each_probe_sees(tmp_path: Path
         r" refused$",
         line,
     ), line
+
+
+def test_every_json_line_carries_the_model_name(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, start_command=CANNOT_RUN, proxy={"log_format": "json"}, extra={"model_name": "m7"}
+    )
+
+    result = run_to_the_end(config)
+
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert {line["logger"] for line in lines} >= {"model_proxy", "model_server"}
+    assert all(line["model"] == "m7" for line in lines), lines
+
+
+async def test_access_lines_carry_the_model_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def health(http: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    async with (
+        fake_upstream(app) as port,
+        in_process_proxy(
+            tmp_path, port, proxy={"log_format": "json"}, extra={"model_name": "m7"}
+        ) as (proxy, url),
+    ):
+        assert (await send(url, request("GET", "/sync/health"))).status == 200
+        assert proxy.access_log is not None
+        with caplog.at_level(logging.INFO, logger="model_proxy.access"):
+            proxy.access_log.flush()
+    [line] = [json.loads(record.message) for record in caplog.records]
+    assert (line["path"], line["model"]) == ("/sync/health", "m7")
