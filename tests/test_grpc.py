@@ -10,14 +10,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
+from aiohttp import web
 from grpc import aio
 
 from proxy.app import Proxy
 from proxy.h2conn import STREAM_WINDOW
 
-from .conftest import free_port, in_process_proxy
+from .conftest import fake_upstream, in_process_proxy
 from .grpc_servers import Model, channel, grpc_model, method
 from .h2peers import H2Client, H2Upstream, grpc_frame, grpc_request
 
@@ -124,13 +126,55 @@ async def test_a_20_mb_message_passes_both_ways(tmp_path: Path) -> None:
 
 
 async def test_grpc_beside_http_with_grpc_upstream_port(tmp_path: Path) -> None:
-    """MLServer's layout: HTTP on server_port, gRPC on grpc_upstream_port, one proxy port."""
+    """MLServer's layout: HTTP on server_port, gRPC on grpc_upstream_port, one proxy port and
+    one limiter: a gRPC stream and a /predict request each hold the other out of the slot."""
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def predict(http: web.Request) -> web.Response:
+        body = await http.read()
+        if body == b"hold":
+            entered.set()
+            await release.wait()
+        return web.Response(body=body)
+
+    app = web.Application()
+    app.router.add_post("/predict", predict)
     async with (
         grpc_model() as (_, port),
-        in_process_proxy(tmp_path, free_port(), proxy={"grpc_upstream_port": port}) as (_, url),
+        fake_upstream(app) as http_port,
+        in_process_proxy(
+            tmp_path,
+            http_port,
+            predict_concurrency=1,
+            proxy={"grpc_upstream_port": port, "max_queue_size": 0},
+        ) as (proxy, url),
         channel(url) as chan,
+        aiohttp.ClientSession() as session,
     ):
-        assert await chan.unary_unary(method("Unary"))(b"abc") == b"cba"
+        unary = chan.unary_unary(method("Unary"))
+        assert await unary(b"abc") == b"cba"
+        async with session.post(url + "/predict", data=b"rest") as response:
+            assert (response.status, await response.read()) == (200, b"rest")
+        # an open gRPC stream holds the one slot: /predict is refused
+        stream = chan.stream_stream(method("Bidi"))()
+        await stream.write(b"open")
+        assert await stream.read() == b"OPEN"
+        async with session.post(url + "/predict", data=b"x") as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["type"] == "queue_full"
+        await stream.done_writing()
+        assert await stream.code() == grpc.StatusCode.OK
+        # a /predict in flight holds it: a gRPC call is refused
+        holding = asyncio.ensure_future(session.post(url + "/predict", data=b"hold"))
+        async with asyncio.timeout(SAFETY):
+            await entered.wait()
+        with pytest.raises(aio.AioRpcError) as refused:
+            await unary(b"x")
+        release.set()
+        async with await holding as response:
+            assert (response.status, await response.read()) == (200, b"hold")
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert proxy.metrics.rejected == {"queue_full": 2}
 
 
 async def test_many_calls_share_one_upstream_connection(tmp_path: Path) -> None:
