@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from .conftest import ROOT, free_port, run_proxy, write_config
 from .h2peers import H2Client, grpc_frame, grpc_request
 
 EXAMPLE = ROOT / "examples" / "grpc"
+GRPC_CHILD = ROOT / "tests" / "faults" / "grpc_child.py"
 SAFETY = 10.0
 
 
@@ -163,3 +165,37 @@ async def test_a_new_stream_after_goaway_is_refused(tmp_path: Path) -> None:
         assert (await client.reply(open_id)).trailer(b"grpc-status") == b"0"
         assert await proxy.exited() == 0
         await client.close()
+
+
+async def test_a_grpc_child_failing_its_health_check_is_restarted(tmp_path: Path) -> None:
+    """Liveness of a gRPC-only child is its Health/Check too: NOT_SERVING past
+    restart_threshold_seconds restarts it, as a failing HTTP liveness probe does."""
+    control = tmp_path / "control"
+    control.mkdir()
+    port = free_port()
+    command = f"exec {sys.executable} {GRPC_CHILD} --port {port} --dir {control}"
+    runtime = {
+        "predict_concurrency": 2,
+        "transport": {"kind": "grpc"},
+        "health_checks": {"restart_threshold_seconds": 0.3},
+    }
+    config = write_config(
+        tmp_path,
+        server_port=port,
+        start_command=command,
+        readiness_endpoint=None,
+        liveness_endpoint=None,
+        proxy={"probe_interval_seconds": 0.05},
+        extra={"runtime": runtime},
+    )
+    async with run_proxy(config) as proxy, aiohttp.ClientSession() as session:
+        pid = int((control / "server.pid").read_text())
+        mark = len(proxy.lines)
+        os.kill(pid, signal.SIGUSR1)  # its health service now says NOT_SERVING
+        await proxy.wait_for_log("failed its liveness probe; restarting in 1 s", after=mark)
+        await proxy.wait_for_log("the model server is ready", after=mark)
+        async with session.get(proxy.url + "/ready") as response:
+            assert response.status == 200
+            ready = await response.json()
+    assert ready["restarts"] == 1
+    assert ready["pid"] == int((control / "server.pid").read_text()) != pid
