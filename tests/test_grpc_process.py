@@ -168,12 +168,16 @@ async def test_a_new_stream_after_goaway_is_refused(tmp_path: Path) -> None:
 
 
 async def test_a_grpc_child_failing_its_health_check_is_restarted(tmp_path: Path) -> None:
-    """Liveness of a gRPC-only child is its Health/Check too: NOT_SERVING past
+    """Readiness and liveness of a gRPC-only child are its Health/Check for
+    grpc_health_service (the child says NOT_SERVING for any other name): NOT_SERVING past
     restart_threshold_seconds restarts it, as a failing HTTP liveness probe does."""
     control = tmp_path / "control"
     control.mkdir()
     port = free_port()
-    command = f"exec {sys.executable} {GRPC_CHILD} --port {port} --dir {control}"
+    service = "model.v1.Model"
+    command = (
+        f"exec {sys.executable} {GRPC_CHILD} --port {port} --dir {control} --service {service}"
+    )
     runtime = {
         "predict_concurrency": 2,
         "transport": {"kind": "grpc"},
@@ -185,7 +189,7 @@ async def test_a_grpc_child_failing_its_health_check_is_restarted(tmp_path: Path
         start_command=command,
         readiness_endpoint=None,
         liveness_endpoint=None,
-        proxy={"probe_interval_seconds": 0.05},
+        proxy={"probe_interval_seconds": 0.05, "grpc_health_service": service},
         extra={"runtime": runtime},
     )
     async with run_proxy(config) as proxy, aiohttp.ClientSession() as session:
