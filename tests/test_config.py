@@ -535,7 +535,7 @@ proxy:
         ),
         (
             {"proxy.probe_interval_seconds": -1},
-            "proxy.probe_interval_seconds: must be a number of seconds >= 0 (got -1)",
+            "proxy.probe_interval_seconds: must be a number of seconds > 0 (got -1)",
         ),
         (
             {"proxy.drain_quiet_seconds": True},
