@@ -33,6 +33,16 @@ COMPILED = [
     "proxy/metrics.py",
     "proxy/logs.py",
     "proxy/sniff.py",
+    # HTTP/2 and gRPC: the frames, the connection on either side, each call (the HPACK codec
+    # stays Python: its field types subclass tuple, which mypyc does not compile)
+    "proxy/h2frames.py",
+    "proxy/h2fields.py",
+    "proxy/h2conn.py",
+    "proxy/h2stalls.py",
+    "proxy/h2server.py",
+    "proxy/grpc_upstream.py",
+    "proxy/grpc_call.py",
+    "proxy/grpc_status.py",
 ]
 
 ext_modules = []

@@ -142,11 +142,11 @@ class H2Endpoint(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self._reader.feed(data)
-        except ProtocolViolation as error:
-            self._fail(error.code, str(error))
+        except ProtocolViolation as violation:
+            self._fail(violation.code, str(violation))
             return
-        except DecodingError as error:
-            self._fail(COMPRESSION_ERROR, str(error))
+        except DecodingError as undecodable:  # (its own name: compiled, a name has one type)
+            self._fail(COMPRESSION_ERROR, str(undecodable))
             return
         self.flush()
 

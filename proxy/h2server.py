@@ -4,7 +4,7 @@ request handed to a handler the router picks, its response sent back as the wind
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, MutableSet
 from typing import Protocol
 
 from .h2conn import H2Endpoint
@@ -83,7 +83,7 @@ class H2ServerConnection(H2Endpoint):
     def __init__(
         self,
         router: Router,
-        connections: set[H2ServerConnection],
+        connections: MutableSet[H2ServerConnection],
         *,
         idle_timeout: float,
         send_timeout: float,

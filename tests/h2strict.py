@@ -63,6 +63,7 @@ class StrictPeer(_Peer):
         self.errors: list[Exception] = []
         self.seen: dict[int, Seen] = {}
         self.pings = self.pongs = 0
+        self.ponged = asyncio.Event()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     async def _read(self) -> None:
@@ -89,6 +90,7 @@ class StrictPeer(_Peer):
         super().event(event)  # acknowledges DATA at once (auto_ack)
         if isinstance(event, h2.events.PingAckReceived):
             self.pongs += 1
+            self.ponged.set()
         seen = self.seen.get(getattr(event, "stream_id", 0) or 0)
         if seen is None:
             return
@@ -104,6 +106,13 @@ class StrictPeer(_Peer):
         elif isinstance(event, h2.events.StreamReset):
             seen.reset_code = int(event.error_code)
             seen.done.set()
+
+    async def all_ponged(self) -> None:
+        """Every PING sent is answered (a PING sent after its call's answer is answered after
+        the call ended)."""
+        while self.pongs < self.pings:
+            self.ponged.clear()
+            await self.ponged.wait()
 
     def window(self, stream_id: int) -> int:
         try:

@@ -220,7 +220,9 @@ async def play(proxy: Proxy, upstream: StrictUpstream, port: int, example: Examp
         assert not upstream.errors, upstream.errors
         for (call_id, call), seen in zip(calls, at_client, strict=True):
             check_call(call, seen, upstream.calls.get(call_id))
-        assert client.pongs == client.pings  # every PING answered, in order with the rest
+        async with asyncio.timeout(SAFETY):
+            await client.all_ponged()
+        assert client.pongs == client.pings  # every PING answered, none twice
     finally:
         await client.close()
     async with asyncio.timeout(SAFETY):
