@@ -562,7 +562,7 @@ async def test_server_timing_queue_is_the_wait_for_a_slot(tmp_path: Path) -> Non
 
     async def slow(http: web.Request) -> web.Response:
         entered.set()
-        await asyncio.sleep(0.3)  # the model server's work
+        await asyncio.sleep(0.3)  # ok: the model server's work (a request waits behind it)
         return web.Response(text="slow")
 
     async def echo(http: web.Request) -> web.Response:
