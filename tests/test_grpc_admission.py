@@ -359,6 +359,7 @@ async def test_calls_are_counted_and_logged(
     assert 'model_proxy_requests_total{code="200",method="POST",route="grpc"} 2.0' in exposition
     assert 'model_proxy_request_duration_seconds_count{route="grpc"} 2.0' in exposition
     assert 'model_proxy_time_to_first_byte_seconds_count{route="grpc"} 2.0' in exposition
+    assert "model_proxy_queue_wait_seconds_count 2.0" in exposition  # both were admitted
     assert 'model_proxy_grpc_requests_total{grpc_code="OK"} 1.0' in exposition
     assert 'model_proxy_grpc_requests_total{grpc_code="INVALID_ARGUMENT"} 1.0' in exposition
     assert 'model_proxy_grpc_messages_total{direction="client_to_upstream"} 2.0' in exposition
