@@ -10,6 +10,7 @@ from .errors import UpstreamUnavailable
 from .h2conn import H2Endpoint
 from .h2fields import malformed_trailers
 from .h2frames import CANCEL, PROTOCOL_ERROR, Headers
+from .upstream import connect_to_model_server
 
 LAST_STREAM_ID = 2**31 - 1
 SETTINGS_TIMEOUT = 10.0  # a new connection's wait for the server's SETTINGS
@@ -154,13 +155,9 @@ class GrpcUpstream:
                 return connection
 
     async def _open(self) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
-        try:
-            _, connection = await loop.create_connection(
-                lambda: UpstreamConnection(self), self.host, self.port
-            )
-        except OSError as exc:
-            raise UpstreamUnavailable(f"cannot connect to the model server: {exc}") from exc
+        connection = await connect_to_model_server(
+            lambda: UpstreamConnection(self), self.host, self.port
+        )
         try:
             async with asyncio.timeout(SETTINGS_TIMEOUT):
                 await connection.settled

@@ -9,7 +9,8 @@ complete response (and, the exchange says, a complete request).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import httptools
 
@@ -21,6 +22,20 @@ if TYPE_CHECKING:
     from .forward import ProxyExchange
 
 MAX_IDLE = 512
+_Protocol = TypeVar("_Protocol", bound=asyncio.Protocol)
+
+
+async def connect_to_model_server(
+    protocol: Callable[[], _Protocol], host: str, port: int
+) -> _Protocol:
+    """A new connection to the model server, HTTP/1.1 or HTTP/2 as `protocol` speaks; a
+    refusal is the request's 502 (or gRPC's UNAVAILABLE)."""
+    loop = asyncio.get_running_loop()
+    try:
+        _, connection = await loop.create_connection(protocol, host, port)
+    except OSError as exc:
+        raise UpstreamUnavailable(f"cannot connect to the model server: {exc}") from exc
+    return connection
 
 
 class UpstreamPool:
@@ -40,14 +55,7 @@ class UpstreamPool:
         return None
 
     async def connect(self) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
-        try:
-            _, connection = await loop.create_connection(
-                lambda: UpstreamConnection(self), self.host, self.port
-            )
-        except OSError as exc:
-            raise UpstreamUnavailable(f"cannot connect to the model server: {exc}") from exc
-        return connection
+        return await connect_to_model_server(lambda: UpstreamConnection(self), self.host, self.port)
 
     def put_back(self, connection: UpstreamConnection) -> None:
         if len(self._idle) < MAX_IDLE:
