@@ -156,6 +156,7 @@ class Proxy:
             self.h2_connections,
             idle_timeout=self.limits.idle_timeout,
             send_timeout=self.limits.send_timeout,
+            body_timeout=self.limits.body_timeout,
         )
 
     # -- routing ----------------------------------------------------------------------
@@ -293,7 +294,6 @@ class Proxy:
             upstream=upstream,
             admission=self.limiter,
             request_timeout=self.config.proxy.request_timeout_seconds,
-            body_timeout=self.config.proxy.client_body_timeout_seconds,
             on_finish=self._grpc_finished,
             on_messages=self._count_grpc_messages,
         )

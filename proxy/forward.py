@@ -20,12 +20,12 @@ from .errors import (
 from .framing import Headers, RequestHead
 from .headers import scan_response_headers, upstream_request_head, websocket_response_head
 from .local import REASONS, error_headers
+from .metrics import disconnect_phase
 from .protocol import ClientConnection
 from .upstream import UpstreamConnection, UpstreamPool
 
 HIGH_WATER = 256 * 1024  # request bytes held while waiting for a slot or a connection
 # a client that left, by how far its request had come (model_proxy_client_disconnects_total)
-QUEUED, WAITING, STREAMING = "queued", "waiting", "streaming"
 REPLAY_LIMIT = 64 * 1024  # a request this small is resent once if a reused connection was stale
 CHUNK_END = b"\r\n"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -263,13 +263,9 @@ class ProxyExchange:
         if no response head was sent, else the status that was."""
         if self._done:
             return
-        if not self._admitted:
-            self.disconnect = QUEUED
-        elif self.first_byte_at is None:
-            self.disconnect = WAITING
-        else:
-            self.disconnect = STREAMING
-        self._finish(499 if self.first_byte_at is None else self.code, lost=True)
+        answered = self.first_byte_at is not None
+        self.disconnect = disconnect_phase(admitted=self._admitted, answered=answered)
+        self._finish(self.code if answered else 499, lost=True)
 
     def request_failed(self, error: ProxyError) -> None:
         """The body broke (bad chunk) or stopped arriving: `error` is the answer if nothing

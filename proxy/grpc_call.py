@@ -13,10 +13,9 @@ from .errors import ProxyError, RequestTimeout, UpstreamTimeout, UpstreamUnavail
 from .grpc_upstream import GrpcUpstream, UpstreamConnection
 from .h2frames import INTERNAL_ERROR, PROTOCOL_ERROR, Headers
 from .h2server import H2Request, H2ServerConnection
+from .metrics import disconnect_phase
 
 CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT = "client_to_upstream", "upstream_to_client"
-# a client that left, by how far its call had come (model_proxy_client_disconnects_total)
-QUEUED, WAITING, STREAMING = "queued", "waiting", "streaming"
 
 
 class Admission(Protocol):
@@ -86,9 +85,7 @@ class GrpcCall:
     __slots__ = (
         "_admission",
         "_admitted",
-        "_body_read_at",
-        "_body_timeout",
-        "_body_timer",
+        "_awaiting",
         "_counted",
         "_early",
         "_length_left",
@@ -125,7 +122,6 @@ class GrpcCall:
         upstream: GrpcUpstream | None,
         admission: Admission,
         request_timeout: float | None,
-        body_timeout: float,
         on_finish: Callable[[GrpcCall], None],
         on_messages: Callable[[str, int], None],
     ) -> None:
@@ -160,13 +156,16 @@ class GrpcCall:
         self._response_counter = MessageCounter()
         self._task: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._body_timeout = body_timeout
-        self._body_timer: asyncio.TimerHandle | None = None
-        self._body_read_at = 0.0
+        self._awaiting = False  # the first message, under the connection's body timeout
         client.set_on_sent(self.stream_id, self._response_sent)
 
     def start(self) -> None:
-        self._await_first_message()  # (a request ended with its headers stops it at once)
+        # until the client's first message is whole (or the model server answers), a pause
+        # between its frames over the body timeout ends the call: a client that sends slowly
+        # on purpose holds its slot no longer than an HTTP/1.1 body could. After it, quiet
+        # clients are the protocol (a bidirectional call waits on the model server).
+        self._awaiting = True
+        self.client.awaiting_request(self.stream_id, 0, True)
         if self._admission.try_acquire():
             self._admitted_now()
         else:
@@ -205,11 +204,11 @@ class GrpcCall:
         count = self._request_counter.feed(data)
         if count:
             self._on_messages(CLIENT_TO_UPSTREAM, count)
-        if self._body_timer is not None:
+        if self._awaiting:
             if count:
-                self._stop_body_timer()
+                self._stop_awaiting()
             else:
-                self._body_read_at = self.client.loop.time()
+                self.client.awaiting_request(self.stream_id, len(data), True)
         if self.upstream is not None:
             self.upstream.send_data(self.upstream_stream, data)
         else:
@@ -224,7 +223,7 @@ class GrpcCall:
         if self._length_left:
             return self._malformed()
         self._request_ended = True
-        self._stop_body_timer()
+        self._stop_awaiting()
         if self.upstream is not None:
             self.upstream.end_stream(self.upstream_stream, self._request_trailers)
 
@@ -232,12 +231,8 @@ class GrpcCall:
         """The client cancelled (RST_STREAM) or left: cancel at the model server at once."""
         if not self.done:
             self.code = 499
-            if not self._admitted:
-                self.disconnect = QUEUED
-            elif self.first_byte_at is None:
-                self.disconnect = WAITING
-            else:
-                self.disconnect = STREAMING
+            answered = self.first_byte_at is not None
+            self.disconnect = disconnect_phase(admitted=self._admitted, answered=answered)
             self._finish(grpc_status.CANCELLED)
 
     def _response_sent(self, size: int) -> None:
@@ -250,7 +245,7 @@ class GrpcCall:
         if self.done:
             return
         self._cancel_timer()
-        self._stop_body_timer()  # the model server answers: the call is under way
+        self._stop_awaiting()  # the model server answers: the call is under way
         self.first_byte_at = monotonic()
         self.client.send_headers(self.stream_id, headers, end_stream=end)
         if end:  # trailers-only
@@ -346,28 +341,15 @@ class GrpcCall:
             self._timer.cancel()
             self._timer = None
 
-    def _await_first_message(self) -> None:
-        """Until the client's first message is whole (or the model server answers), a pause
-        between its frames longer than the body timeout ends the call: a client that sends
-        slowly on purpose holds its slot no longer than an HTTP/1.1 body could. After it,
-        quiet clients are the protocol (a bidirectional call waits on the model server)."""
-        loop = self.client.loop
-        self._body_read_at = loop.time()
-        self._body_timer = loop.call_later(self._body_timeout, self._body_timed_out)
-
-    def _body_timed_out(self) -> None:
-        loop = self.client.loop
-        waited = loop.time() - self._body_read_at
-        if waited < self._body_timeout:  # a frame came since: the deadline moved with it
-            self._body_timer = loop.call_later(self._body_timeout - waited, self._body_timed_out)
-            return
-        self._body_timer = None
+    def request_stalled(self) -> None:
+        """The first message stopped coming for the body timeout."""
+        self._awaiting = False
         self.fail(RequestTimeout("timed out reading the request: its first message stopped"))
 
-    def _stop_body_timer(self) -> None:
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
+    def _stop_awaiting(self) -> None:
+        if self._awaiting:
+            self._awaiting = False
+            self.client.awaiting_request(self.stream_id, 0, False)
 
     def _cut(self, code: int, message: str) -> None:
         """The response started: end it with `code` if it stands between two messages (the
@@ -388,7 +370,7 @@ class GrpcCall:
         self.done = True
         self.status = status
         self._cancel_timer()
-        self._stop_body_timer()
+        self._stop_awaiting()
         if self._task is not None:
             self._task.cancel()
             self._task = None

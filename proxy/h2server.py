@@ -17,7 +17,7 @@ from .h2frames import (
     REFUSED_STREAM,
     Headers,
 )
-from .h2stalls import SendStalls
+from .h2stalls import Stalls
 
 
 class StreamHandler(Protocol):
@@ -28,6 +28,8 @@ class StreamHandler(Protocol):
     def request_end(self) -> None: ...
     # RST_STREAM from the client, its connection lost, or a stream it left unread too long
     def client_reset(self) -> None: ...
+    # what it awaits of the request (awaiting_request) stopped coming for the body timeout
+    def request_stalled(self) -> None: ...
 
 
 class H2Request:
@@ -87,6 +89,7 @@ class H2ServerConnection(H2Endpoint):
         *,
         idle_timeout: float,
         send_timeout: float,
+        body_timeout: float,
     ) -> None:
         super().__init__(client_side=False)
         self._router = router
@@ -101,7 +104,8 @@ class H2ServerConnection(H2Endpoint):
         self._cancel_debt = 0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0  # loop time the last stream ended
-        self._send_stalls = SendStalls(self, send_timeout)
+        self._send_stalls = Stalls(send_timeout, self.stalled, self.abort)
+        self._body_stalls = Stalls(body_timeout, self._body_stalled)
         self.client_ip = ""
         self.loop = asyncio.get_running_loop()
 
@@ -121,6 +125,7 @@ class H2ServerConnection(H2Endpoint):
         self._connections.discard(self)
         self._cancel_idle_timer()
         self._send_stalls.stop()
+        self._body_stalls.stop()
         self._drop_handlers()
 
     def pause_writing(self) -> None:
@@ -236,6 +241,18 @@ class H2ServerConnection(H2Endpoint):
             handler.client_reset()
             self._stream_gone()
 
+    # -- the body timeout -------------------------------------------------------------
+
+    def awaiting_request(self, stream_id: int, progress: int, waiting: bool) -> None:
+        """The stream's handler awaits more of the request (`progress` bytes of it came) or,
+        `waiting` False, no longer: a pause over the body timeout stalls it."""
+        self._body_stalls.flow(stream_id, progress, waiting)
+
+    def _body_stalled(self, stream_id: int) -> None:
+        handler = self._handlers.get(stream_id)
+        if handler is not None:
+            handler.request_stalled()
+
     # -- the drain --------------------------------------------------------------------
 
     def go_away(self) -> None:
@@ -321,3 +338,6 @@ class LocalResponse:
 
     def client_reset(self) -> None:
         pass
+
+    def request_stalled(self) -> None:
+        pass  # answered whole at once: it awaits nothing

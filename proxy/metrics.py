@@ -30,7 +30,8 @@ EVENT_GAP_BUCKETS = (
 ROUTES = ("predict", "sync", "grpc")
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
 TOKEN_KINDS = ("prompt", "completion")
-DISCONNECT_PHASES = ("queued", "waiting", "streaming")
+# how far a request or call had come when its client left (client_disconnects' label)
+QUEUED, WAITING, STREAMING = DISCONNECT_PHASES = ("queued", "waiting", "streaming")
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -76,6 +77,13 @@ class Gauges:
         self.concurrency_limit = concurrency_limit
 
 
+def disconnect_phase(*, admitted: bool, answered: bool) -> str:
+    """The phase of a client that left: waiting for a slot, for the answer, or mid-answer."""
+    if not admitted:
+        return QUEUED
+    return STREAMING if answered else WAITING
+
+
 class Metrics(Collector):
     def __init__(self, registry: CollectorRegistry, gauges: Gauges) -> None:
         self.registry = registry  # the app's own: what /metrics renders
@@ -93,7 +101,6 @@ class Metrics(Collector):
         self.inter_event = {route: Histogram(EVENT_GAP_BUCKETS) for route in ROUTES}
         self.tokens = dict.fromkeys(TOKEN_KINDS, 0)
         self.upstream_metrics_up = False  # the model server's metrics merged in this scrape
-        self.client_disconnects = dict.fromkeys(DISCONNECT_PHASES, 0)
         # gRPC calls: by status (every name present from the start), messages by direction
         self.grpc_requests = dict.fromkeys(CODE_NAMES, 0)
         self.grpc_messages = dict.fromkeys(DIRECTIONS, 0)
