@@ -222,7 +222,7 @@ class _UpstreamConnection(StrictPeer):
             seen.request_done.set()
 
     async def _answer(self, stream_id: int, seen: Seen) -> None:
-        await asyncio.sleep(0)  # the RequestReceived is recorded first
+        await asyncio.sleep(0)  # ok: one turn, so the RequestReceived is recorded first
         side = self.upstream.scripts.get(dict(seen.headers or []).get(b"x-call", b""))
         if side is None or seen.reset_code is not None:
             return

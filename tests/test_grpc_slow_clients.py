@@ -101,7 +101,7 @@ async def test_a_slow_reader_that_keeps_reading_is_not_cut(tmp_path: Path) -> No
         reply = client.replies[stream_id]
         async with asyncio.timeout(SAFETY):
             while len(reply.data) < len(payload):
-                await asyncio.sleep(0.1)  # the pace of a slow reader: 16 windows in 1.6 s
+                await asyncio.sleep(0.1)  # ok: a slow reader's pace, 16 windows in 1.6 s
                 client.ack(stream_id)
         await sending
         call.trailers([(b"grpc-status", b"0")])

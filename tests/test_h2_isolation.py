@@ -7,7 +7,7 @@ connection."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -209,41 +209,37 @@ async def test_a_stream_the_model_server_resets_leaves_the_connection(tmp_path: 
         await client.close()
 
 
-async def test_data_before_response_headers_resets_only_that_call(tmp_path: Path) -> None:
+def data_before_headers(call: UpstreamStream) -> None:
+    call.peer.writer.write(frame(DATA, 0, call.stream_id, b"no headers first"))
+
+
+def pseudo_headers_in_trailers(call: UpstreamStream) -> None:
+    call.respond(OK)
+    block = encode([(b":status", b"200"), (b"grpc-status", b"0")])
+    call.peer.writer.write(frame(HEADERS, END_HEADERS | END_STREAM, call.stream_id, block))
+
+
+@pytest.mark.parametrize("misbehave", [data_before_headers, pseudo_headers_in_trailers])
+async def test_a_malformed_response_resets_only_that_call(
+    tmp_path: Path, misbehave: Callable[[UpstreamStream], None]
+) -> None:
     async with (
         H2Upstream().serving() as upstream,
         grpc_proxy(tmp_path, upstream.port) as (_, url),
     ):
         client = await H2Client.connect(port_of(url))
         broken = client.request(grpc_request(port_of(url), b"/a.B/Broken"), grpc_frame(b""))
-        call = await upstream.next_stream()
-        call.peer.writer.write(frame(DATA, 0, call.stream_id, b"no headers first"))
+        misbehave(await upstream.next_stream())
         reply = await client.reply(broken)
         assert reply.reset_code == PROTOCOL_ERROR
-        assert reply.headers is None
+        assert reply.trailers is None
+        if misbehave is data_before_headers:
+            assert reply.headers is None
         # the client's connection is fine, and so is the proxy's to the model server
         after = client.request(grpc_request(port_of(url), b"/a.B/After"), grpc_frame(b""))
         next_call = await upstream.next_stream()
         next_call.respond([*OK, (b"grpc-status", b"0")], end=True)
         assert (await client.reply(after)).header(b"grpc-status") == b"0"
-        assert client.goaway is None
-        await client.close()
-
-
-async def test_pseudo_headers_in_response_trailers_reset_only_that_call(tmp_path: Path) -> None:
-    async with (
-        H2Upstream().serving() as upstream,
-        grpc_proxy(tmp_path, upstream.port) as (_, url),
-    ):
-        client = await H2Client.connect(port_of(url))
-        broken = client.request(grpc_request(port_of(url), b"/a.B/Broken"), grpc_frame(b""))
-        call = await upstream.next_stream()
-        call.respond(OK)
-        block = encode([(b":status", b"200"), (b"grpc-status", b"0")])
-        call.peer.writer.write(frame(HEADERS, END_HEADERS | END_STREAM, call.stream_id, block))
-        reply = await client.reply(broken)
-        assert reply.reset_code == PROTOCOL_ERROR
-        assert reply.trailers is None
         assert client.goaway is None
         await client.close()
 

@@ -375,7 +375,7 @@ async def trickle(
         writer.write(data[index : index + 1])
         if index == 3 and started is not None:
             started.set()
-        await asyncio.sleep(TRICKLE)  # pacing the client, not waiting for anything
+        await asyncio.sleep(TRICKLE)  # ok: the client's pace, not a wait for anything
     return len(data)
 
 
@@ -423,8 +423,8 @@ async def test_a_stalled_pipelined_head_is_answered_408_after_the_response_befor
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(b"data: first\n\n")
-        # ok: the model server's next event comes late, after the second head timed out
-        await asyncio.sleep(0.6)
+        # the model server's next event comes late, after the second head timed out
+        await asyncio.sleep(0.6)  # ok: the model server's pace
         await response.write(b"data: last\n\n")
         return response
 
